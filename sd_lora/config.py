@@ -1,0 +1,280 @@
+"""Typed config: the dataclass schemas Hydra composes into, and their checks.
+
+Hydra stays at the edge: `launch.py` composes YAML from `conf/` onto these schemas and calls
+`OmegaConf.to_object` once, which builds these dataclasses and runs every `__post_init__`
+check before any model is loaded. From there only dataclasses travel, so the core can be
+driven from Python without Hydra (tests, notebooks): `Config(model=ModelConfig(...), ...)`.
+
+Closed choices are Enums (OmegaConf validates them at compose time); a wrong type or an
+unknown key fails in Hydra with its own message. Cross-field and range checks raise
+`UserError` naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from sd_lora.errors import UserError
+
+
+class Attention(Enum):
+    """U-Net attention backend."""
+
+    sdp = "sdp"  # torch.nn.functional.scaled_dot_product_attention (fused / flash / mem-efficient)
+    eager = "eager"  # plain matmul-softmax-matmul, materialises the attention matrix
+
+
+class PredictionType(Enum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+
+
+class MixedPrecision(Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class DeviceType(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    gcu = "gcu"
+
+
+class OptimizerName(Enum):
+    adamw = "adamw"  # torch.optim.AdamW
+
+
+class LrScheduler(Enum):
+    """Names understood by `diffusers.optimization.get_scheduler`."""
+
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+def _check(ok: bool, key: str, value, fix: str) -> None:
+    if not ok:
+        raise UserError(f"{key}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 4  # LoRA rank r (peft `r`)
+    alpha: Optional[float] = None  # LoRA alpha (peft `lora_alpha`); null = rank, i.e. scale 1
+    dropout: float = 0.0  # dropout on the LoRA branch input
+    target_modules: List[str] = field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"]
+    )  # U-Net module names (suffixes) that get a LoRA adapter
+    init_lora_weights: str = "gaussian"  # peft init: gaussian (diffusers' choice) or true (kaiming)
+
+    def __post_init__(self):
+        _check(self.rank >= 1, "model.lora.rank", self.rank, "use a positive integer such as 4")
+        _check(
+            self.alpha is None or self.alpha > 0,
+            "model.lora.alpha",
+            self.alpha,
+            "use a positive number, or null for alpha = rank",
+        )
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "use 0 <= dropout < 1")
+        _check(
+            len(self.target_modules) > 0,
+            "model.lora.target_modules",
+            self.target_modules,
+            "name at least one module, e.g. [to_q,to_k,to_v,to_out.0]",
+        )
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str = MISSING  # diffusers pipeline folder, or a hub id read from the local cache
+    source_repo: Optional[str] = None  # hub id the folder is a copy of: named in the download hint
+    revision: Optional[str] = None  # hub revision (hub ids only)
+    variant: Optional[str] = None  # weight file variant, e.g. fp16
+    prediction_type: Optional[PredictionType] = None  # null = the scheduler config's
+    attention: Attention = Attention.sdp  # U-Net attention backend, kept through LoRA injection
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class DatasetConfig:
+    path: str = MISSING  # hub-layout folder (parquet/images), imagefolder with metadata.jsonl, save_to_disk folder, or a cached hub id
+    source_repo: Optional[str] = None  # hub id the folder is a copy of: named in the download hint
+    split: str = "train"  # split to train on
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = 512  # training images are resized and cropped to resolution x resolution, px
+    center_crop: bool = False  # centre crop (else random crop)
+    random_flip: bool = False  # random horizontal flip with p=0.5
+    max_train_samples: Optional[int] = None  # keep only the first N samples (after a seeded shuffle)
+    num_workers: int = 0  # DataLoader worker processes
+
+    def __post_init__(self):
+        _check(
+            self.resolution >= 8 and self.resolution % 8 == 0,
+            "dataset.resolution",
+            self.resolution,
+            "the VAE downsamples by 8; use a multiple of 8 such as 512 or 768",
+        )
+        _check(
+            self.max_train_samples is None or self.max_train_samples >= 1,
+            "dataset.max_train_samples",
+            self.max_train_samples,
+            "use a positive integer or null for all samples",
+        )
+        _check(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "use 0 or more")
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 1e-4  # peak learning rate
+    scale_lr: bool = False  # multiply lr by batch size x accumulation x processes (diffusers' --scale_lr)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    lr_scheduler: LrScheduler = LrScheduler.constant
+    lr_warmup_steps: int = 0  # optimizer steps of linear warm-up
+    max_grad_norm: Optional[float] = 1.0  # clip the LoRA gradients' global norm; null = no clipping
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate such as 1e-4")
+        _check(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "optimizer.betas",
+            list(self.betas),
+            "give two numbers in [0, 1), e.g. [0.9,0.999]",
+        )
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "use 0 or more")
+        _check(self.eps > 0, "optimizer.eps", self.eps, "use a small positive number such as 1e-8")
+        _check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", self.lr_warmup_steps, "use 0 or more")
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "optimizer.max_grad_norm",
+            self.max_grad_norm,
+            "use a positive norm, or null to turn clipping off",
+        )
+
+
+@dataclass
+class PrecisionConfig:
+    mixed_precision: MixedPrecision = MixedPrecision.no  # autocast dtype; frozen weights are stored in it, LoRA weights stay fp32
+
+
+@dataclass
+class DeviceConfig:
+    type: DeviceType = DeviceType.auto  # auto = cuda if present, else gcu if torch_gcu 2.x reports a device, else cpu
+    num_processes: int = 1  # worker processes (one per accelerator) on this machine
+    transfer_to_gcu: bool = False  # gcu: import torch_gcu.transfer_to_gcu so accelerate's CUDA path drives the GCU
+
+    def __post_init__(self):
+        _check(self.num_processes >= 1, "device.num_processes", self.num_processes, "use 1 or more")
+
+
+@dataclass
+class TrainerConfig:
+    train_batch_size: int = 1  # samples per process per forward pass
+    num_train_epochs: int = 1  # ignored when max_train_steps is set
+    max_train_steps: Optional[int] = None  # optimizer steps; null = num_train_epochs x steps per epoch
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False  # recompute U-Net activations in backward: less memory, ~40% slower
+    checkpointing_steps: Optional[int] = 500  # save a resumable checkpoint every N optimizer steps (and always at the end); null = only at the end
+    checkpoints_total_limit: Optional[int] = None  # keep at most N checkpoints; null = all
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    validation_prompts: List[str] = field(default_factory=list)  # prompts rendered to samples/ and tensorboard
+    validation_epochs: int = 1  # render validation prompts every N epochs and at the end
+    num_validation_images: int = 4  # images per validation prompt
+    num_inference_steps: int = 30  # denoising steps for validation images
+    seed: int = 0  # seeds python, numpy, torch and every device generator
+    skip_steps: int = 10  # optimizer steps left out of the report's timing (warm-up)
+    snr_gamma: Optional[float] = None  # Min-SNR weighting gamma (5.0 is the paper's); null = plain MSE
+    noise_offset: float = 0.0  # scale of per-channel offset noise; 0 = off
+    log_every_n_steps: int = 1  # loss/lr/throughput to tensorboard and the progress bar every N steps
+    allow_tf32: bool = False  # TF32 matmuls on Ampere+ CUDA
+
+    def __post_init__(self):
+        for key in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "validation_epochs",
+                    "num_inference_steps", "log_every_n_steps"):
+            value = getattr(self, key)
+            _check(value >= 1, f"trainer.{key}", value, "use a positive integer")
+        for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"trainer.{key}", value, "use a positive integer or null")
+        _check(self.num_validation_images >= 0, "trainer.num_validation_images", self.num_validation_images,
+               "use 0 or more")
+        _check(self.skip_steps >= 0, "trainer.skip_steps", self.skip_steps, "use 0 or more")
+        _check(self.snr_gamma is None or self.snr_gamma > 0, "trainer.snr_gamma", self.snr_gamma,
+               "use a positive gamma such as 5.0, or null to turn Min-SNR weighting off")
+        _check(self.noise_offset >= 0, "trainer.noise_offset", self.noise_offset, "use 0 or more")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore; YAML options extend `base_<group>`."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in (
+        ("model", ModelConfig),
+        ("dataset", DatasetConfig),
+        ("optimizer", OptimizerConfig),
+        ("precision", PrecisionConfig),
+        ("device", DeviceConfig),
+        ("trainer", TrainerConfig),
+    ):
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def cache_dir() -> Path:
+    """Where built-in artefacts (the tiny model) are kept: $SD_LORA_CACHE or ~/.cache/sd_lora."""
+    return Path(os.environ.get("SD_LORA_CACHE") or Path.home() / ".cache" / "sd_lora")
+
+
+def _tiny_model_resolver() -> str:
+    from sd_lora.demo import ensure_tiny_model  # imports torch: only when the tiny model is asked for
+
+    return str(ensure_tiny_model(cache_dir()))
+
+
+def _asset_resolver(name: str) -> str:
+    return str(Path(__file__).parent / "assets" / name)
+
+
+def register_resolvers() -> None:
+    """`${sd_lora.tiny_model:}` builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled file."""
+    OmegaConf.register_new_resolver("sd_lora.tiny_model", _tiny_model_resolver, replace=True)
+    OmegaConf.register_new_resolver("sd_lora.asset", _asset_resolver, replace=True)
+
+
+def to_config(cfg) -> Config:
+    """DictConfig composed by Hydra -> validated `Config` (runs every check above)."""
+    if isinstance(cfg, Config):
+        return cfg
+    return OmegaConf.to_object(cfg)
+
+
+register_configs()
+register_resolvers()

@@ -1,0 +1,147 @@
+"""The frozen Stable Diffusion parts, the LoRA U-Net and its attention backend.
+
+`resolve_model_path` finds the pipeline folder (a local folder, or a hub id already in the local
+hub cache: nothing is downloaded) and checks its components before anything is loaded.
+`load_components` loads tokenizer, text encoder, VAE, U-Net and noise scheduler with the diffusers /
+transformers classes SD 2.1 uses. `add_lora` sets the attention processors and injects peft's LoRA;
+`lora_state_dict` / `save_lora` write the adapter in the format
+`StableDiffusionPipeline.load_lora_weights` reads. Nothing here runs a training step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sd_lora.config import Attention, LoraSettings, ModelConfig
+from sd_lora.errors import UserError
+from sd_lora.hub import download_command, resolve_local
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def resolve_model_path(cfg: ModelConfig) -> Path:
+    """The local pipeline folder for `model.pretrained_model_name_or_path`, checked; UserError if absent."""
+    path = resolve_local("model.pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
+                         source_repo=cfg.source_repo, revision=cfg.revision)
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise UserError(
+            f"model folder {path.resolve()} lacks component folder(s) {', '.join(missing)} "
+            f"(a diffusers Stable Diffusion pipeline has {', '.join(COMPONENTS)}); "
+            + (f"download it again with: {download_command(cfg.source_repo, local_dir=str(path))}"
+               if cfg.source_repo else "point model.pretrained_model_name_or_path at a complete pipeline folder")
+        )
+    return path
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    path: Path
+
+
+def load_components(cfg: ModelConfig, path: Path, dtype: torch.dtype = torch.float32) -> Components:
+    """Load the frozen parts of the pipeline (weights in `dtype`, on the CPU, requires_grad off)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(revision=cfg.revision, local_files_only=True)
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=cfg.variant, dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=cfg.variant, dtype=dtype, **kw)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"could not load the pipeline in {path} (variant={cfg.variant}, revision={cfg.revision}): {exc}"
+        ) from None
+    if cfg.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type.value)
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, path)
+
+
+def attention_processor(attention: Attention):
+    """The diffusers processor for an attention backend."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    return AttnProcessor2_0() if attention is Attention.sdp else AttnProcessor()
+
+
+def add_lora(unet: torch.nn.Module, attention: Attention, lora: LoraSettings) -> list[torch.nn.Parameter]:
+    """Set the attention backend, inject peft LoRA, keep the LoRA weights fp32; return them."""
+    from peft import LoraConfig
+
+    unet.set_attn_processor(attention_processor(attention))
+    config = LoraConfig(
+        r=lora.rank,  # our `rank` is peft's `r`, mapped here only
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.dropout,
+        init_lora_weights=_init_value(lora.init_lora_weights),
+        target_modules=list(lora.target_modules),
+    )
+    try:
+        unet.add_adapter(config)
+    except ValueError as exc:
+        raise UserError(f"model.lora.target_modules={list(lora.target_modules)}: {exc}") from None
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # trainable weights stay fp32 whatever the frozen weights' dtype
+    return params
+
+
+def _init_value(value: str):
+    lowered = str(value).lower()
+    return {"true": True, "false": False}.get(lowered, value)
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The U-Net's LoRA weights, keyed as diffusers' `load_lora_weights` expects (without the `unet.` prefix)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet: torch.nn.Module, out_dir: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors` readable by `StableDiffusionPipeline.load_lora_weights`.
+
+    Same layout as diffusers' `save_lora_weights` (keys prefixed `unet.`, the peft LoraConfig under
+    `lora_adapter_metadata` so that alpha != rank loads right), written with safetensors directly
+    because diffusers cannot add our own header entries (the run config).
+    """
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    adapter = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config["default"].to_dict().items()}
+    header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, indent=2, sort_keys=True, default=str)}
+    header.update(metadata or {})
+    path = out_dir / LORA_WEIGHT_NAME
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    tmp.replace(path)
+    return path
+
+
+def read_lora_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {k: (json.loads(v) if k in ("sd_lora_config", "lora_adapter_metadata") else v) for k, v in meta.items()}
