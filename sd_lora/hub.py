@@ -32,12 +32,12 @@ def resolve_local(key: str, name: str, repo_type: str = "model", source_repo: st
                   revision: str | None = None) -> Path:
     """`name` (the value of config key `key`) -> an existing local folder, or UserError with the fix.
 
-    A path that exists is used as it is; a name shaped like a hub id (`owner/name`) that is not a
-    local path is looked up in the hub cache offline; `source_repo` is the hub id a local folder is a
-    copy of, named in the download command.
+    A path that exists is used as it is. A name shaped like a hub id (`owner/name`) that is not a
+    local path is looked up in the hub cache offline, unless `source_repo` (the hub id a local folder
+    is a copy of, named in the download command) says the name is a local folder of another repo.
     """
     path = Path(name).expanduser()
-    if not path.exists() and looks_like_hub_id(name):
+    if not path.exists() and looks_like_hub_id(name) and source_repo in (None, name):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 

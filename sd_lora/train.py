@@ -98,6 +98,17 @@ def train_step(m: StepModels, batch: dict, noise_offset: float, snr_gamma: float
     return diffusion_loss(model_pred, target, timesteps, m.noise_scheduler, snr_gamma)
 
 
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
+    """Clip the LoRA gradients' global norm; return the norm before clipping.
+
+    `params` must be a list: one reference script passes a generator it has already exhausted,
+    so its clipping silently does nothing.
+    """
+    if max_norm is None:
+        return None
+    return accelerator.clip_grad_norm_(params, max_norm)
+
+
 # ---------------------------------------------------------------- run
 
 
@@ -266,8 +277,8 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
             with accelerator.accumulate(models.unet):
                 loss = train_step(models, batch, t.noise_offset, t.snr_gamma)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optimizer.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(lora_params, cfg.optimizer.max_grad_norm)
+                if accelerator.sync_gradients:
+                    clip_gradients(accelerator, lora_params, cfg.optimizer.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

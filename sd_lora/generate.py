@@ -1,0 +1,125 @@
+"""Images from a trained LoRA: `python -m sd_lora.generate run_dir=outputs/... prompt="a corgi"`.
+
+The run directory's LoRA file carries the run's composed config in its safetensors header, so the
+base pipeline is found without the original command line. The images go to
+`<run_dir>/generated/<time>/` (or `out_dir=`), seeded and reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import MISSING, OmegaConf
+
+from sd_lora.config import Attention, DeviceType, MixedPrecision, ModelConfig
+from sd_lora.errors import UserError, user_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateConfig:
+    run_dir: str = MISSING  # a training run directory (holds lora/pytorch_lora_weights.safetensors)
+    prompt: str = MISSING
+    negative_prompt: Optional[str] = None
+    num_images: int = 4
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    lora_scale: float = 1.0  # 0 = the base model, 1 = the LoRA as trained
+    seed: int = 0
+    resolution: Optional[int] = None  # px; null = the run's training resolution
+    device_type: DeviceType = DeviceType.auto  # auto | cpu | cuda | gcu
+    mixed_precision: MixedPrecision = MixedPrecision.no  # weights and compute dtype for inference
+    attention: Optional[Attention] = None  # null = the run's
+    out_dir: Optional[str] = None  # null = Hydra's run dir, <run_dir>/generated/<time>
+
+    def __post_init__(self):
+        if self.num_images < 1 or self.num_inference_steps < 1:
+            raise UserError("num_images and num_inference_steps must be positive integers")
+
+
+def _register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_generate", node=GenerateConfig)
+    cs.store(name="generate", node={
+        "defaults": ["base_generate", "_self_"],
+        "hydra": {"run": {"dir": "${run_dir}/generated/${now:%Y-%m-%d_%H-%M-%S-%f}"}},
+    })
+
+
+def run_config(run_dir: Path) -> dict:
+    """The training config stored in the run's LoRA file."""
+    from sd_lora.model import LORA_WEIGHT_NAME, read_lora_metadata
+
+    lora_file = run_dir / "lora" / LORA_WEIGHT_NAME
+    if not lora_file.is_file():
+        raise UserError(f"run_dir={str(run_dir)!r}: no LoRA at {lora_file.resolve()}; give the directory of a finished "
+                        "training run (it holds lora/ and report.json)")
+    meta = read_lora_metadata(lora_file)
+    if "sd_lora_config" not in meta:
+        raise UserError(f"{lora_file} carries no sd_lora_config metadata; it was not written by sd_lora")
+    return meta["sd_lora_config"]
+
+
+def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sd_lora.devices import build_backend
+    from sd_lora.model import LORA_WEIGHT_NAME, attention_processor, resolve_model_path
+    from sd_lora.train import WEIGHT_DTYPES
+
+    run_dir = Path(cfg.run_dir)
+    trained = run_config(run_dir)
+    model_cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), trained["model"]))
+    backend = build_backend(cfg.device_type.value)
+    backend.check(cfg.mixed_precision.value)
+    path = resolve_model_path(model_cfg)
+    dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        path, revision=model_cfg.revision, variant=model_cfg.variant, dtype=dtype, local_files_only=True,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.unet.set_attn_processor(attention_processor(cfg.attention or model_cfg.attention))
+    pipeline.load_lora_weights(str(run_dir / "lora"), weight_name=LORA_WEIGHT_NAME, adapter_name="sd_lora")
+    pipeline.set_adapters(["sd_lora"], adapter_weights=[cfg.lora_scale])
+    pipeline.to(backend.device(0))
+    resolution = cfg.resolution or trained["dataset"]["resolution"]
+    generator = torch.Generator(device=backend.device(0)).manual_seed(cfg.seed)
+    with backend.autocast(None if dtype == torch.float32 else dtype):
+        images = pipeline(cfg.prompt, negative_prompt=cfg.negative_prompt, num_images_per_prompt=cfg.num_images,
+                          num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                          height=resolution, width=resolution, generator=generator).images
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(out_dir / f"{i:02d}.png")
+        image.save(paths[-1])
+    (out_dir / "prompt.txt").write_text(cfg.prompt + "\n")
+    return paths
+
+
+_register()
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="generate")
+def main(cfg) -> None:
+    try:
+        gen_cfg: GenerateConfig = OmegaConf.to_object(cfg)
+        out_dir = Path(gen_cfg.out_dir or HydraConfig.get().runtime.output_dir)
+        paths = generate(gen_cfg, out_dir)
+    except UserError as exc:
+        log.error("%s", user_message(exc))
+        sys.exit(2)
+    print(f"{len(paths)} image(s) in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

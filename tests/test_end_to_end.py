@@ -1,0 +1,167 @@
+"""`python launch.py` as a user runs it, in subprocesses: outputs, report, LoRA format, errors, generate."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from conftest import run_launch
+
+REPORT_FIELDS = {
+    # the Enflame tutorial's report
+    "model", "pretrained_model_name_or_path", "resolution", "local_rank", "batch_size", "precision",
+    "max_train_steps", "device", "skip_steps",
+    # measured
+    "samples_per_second", "seconds_per_step", "peak_memory_bytes", "final_loss", "wall_time_s", "world_size",
+}
+
+TRAIN = [
+    "device=cpu",
+    "trainer.max_train_steps=6",
+    "trainer.skip_steps=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.checkpointing_steps=3",
+    "trainer.validation_prompts=[a red circle on a blue background]",
+    "trainer.num_validation_images=1",
+    "trainer.num_inference_steps=2",
+    "optimizer.lr=1e-2",
+    "model.lora.rank=4",
+    "model.lora.alpha=8",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_path):
+    out = tmp_path_factory.mktemp("run") / "quick"
+    result = run_launch(*TRAIN, f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert str(out) in result.stdout  # the run says where its results are
+    return out
+
+
+def test_run_directory_holds_every_output(run_dir):
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    samples = list((run_dir / "samples").glob("*.png"))
+    assert len(samples) == 1
+    from PIL import Image
+
+    assert Image.open(samples[0]).size == (64, 64)
+
+
+def test_report_has_every_field(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    assert REPORT_FIELDS <= set(report)
+    assert report["max_train_steps"] == 6 and report["global_step"] == 6
+    assert report["resolution"] == 64 and report["batch_size"] == 4 and report["precision"] == "no"
+    assert report["device"] == "CPU" and report["world_size"] == 1 and report["local_rank"] == 0
+    assert report["timed_steps"] == 4  # steps after skip_steps=2
+    assert report["seconds_per_step"] > 0
+    assert report["samples_per_second"] == pytest.approx(4 / report["seconds_per_step"])
+    assert math.isfinite(report["final_loss"]) and report["peak_memory_bytes"] > 0
+
+
+def test_tensorboard_has_loss_lr_throughput_and_images(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard" / "train"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "train/samples_per_s"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3, 4, 5, 6]
+    assert events.Scalars("train/lr")[0].value == pytest.approx(1e-2)
+    assert any(t.startswith("validation/") for t in tags["images"])
+
+
+def test_lora_weights_moved_and_carry_the_config(run_dir):
+    from safetensors.torch import load_file
+
+    from sd_lora.model import read_lora_metadata
+
+    path = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    weights = load_file(path)
+    b = [v for k, v in weights.items() if k.endswith(".lora.up.weight")]
+    assert b and all(k.startswith("unet.") for k in weights)
+    assert all(v.abs().sum() > 0 for v in b)  # B starts at zero: non-zero means training moved it
+    meta = read_lora_metadata(path)
+    assert meta["sd_lora_config"]["optimizer"]["lr"] == pytest.approx(1e-2)
+    assert meta["sd_lora_config"]["model"]["lora"]["alpha"] == 8
+
+
+def test_saved_lora_loads_into_diffusers_and_changes_the_image(run_dir, tiny_model_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("a red circle on a blue background", num_inference_steps=3, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    base = image()
+    pipe.load_lora_weights(str(run_dir / "lora"), weight_name="pytorch_lora_weights.safetensors")
+    config = pipe.unet.peft_config["default_0"]
+    assert config.r == 4 and config.lora_alpha == 8  # alpha != rank survives the round trip
+    loaded = pipe.unet.state_dict()
+    saved = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    for key, value in saved.items():  # diffusers layout: unet.<module>.lora.{down,up}.weight
+        module, _, kind = key.removeprefix("unet.").rpartition(".lora.")
+        peft_key = f"{module}.lora_{'A' if kind.startswith('down') else 'B'}.default_0.weight"
+        assert torch.equal(loaded[peft_key], value), key
+    with_lora = image()
+    assert abs(with_lora - base).max() > 1e-3
+
+
+def test_generate_makes_images_from_a_run(run_dir, tmp_path):
+    out = tmp_path / "gen"
+    result = run_launch(f"run_dir={run_dir}", "prompt=a green square", "num_images=2", "num_inference_steps=2",
+                        f"out_dir={out}", "device_type=cpu", module="sd_lora.generate")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.glob("*.png")) == ["00.png", "01.png"]
+
+
+def test_resume_continues_from_the_latest_checkpoint(run_dir, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    result = run_launch(*TRAIN, "trainer.max_train_steps=8", "trainer.resume_from_checkpoint=latest",
+                        "trainer.validation_prompts=[]", f"hydra.run.dir={resumed}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout + result.stderr and "checkpoint-6" in result.stdout + result.stderr
+    report = json.loads((resumed / "report.json").read_text())
+    assert report["global_step"] == 8
+
+
+def test_hub_cache_is_used_offline(tiny_model_path, tmp_path):
+    """A hub id that is in the local hub cache is found without a download (HF_HUB_OFFLINE=1)."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_path, snapshot)
+    (cache / "models--acme--tiny-sd" / "refs").mkdir()
+    (cache / "models--acme--tiny-sd" / "refs" / "main").write_text("0" * 40)
+    out = tmp_path / "run"
+    result = run_launch("device=cpu", "model.pretrained_model_name_or_path=acme/tiny-sd", "trainer.max_train_steps=1",
+                        "trainer.validation_prompts=[]", f"hydra.run.dir={out}", env={"HF_HUB_CACHE": str(cache)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((out / "report.json").read_text())["model_path"] == str(snapshot)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["+experiment=pokemon_sd21_768", "device=cpu", "precision=fp32", "device.num_processes=1"],
+     "hf download stabilityai/stable-diffusion-2-1 --local-dir pokemon/stable_diffusion_2_1"),
+    (["dataset.resolution=100"], "dataset.resolution=100"),
+    (["device=cpu", "precision=fp16"], "precision=bf16"),
+    (["dataset.caption_column=caption"], "['image', 'text']"),
+    (["device=gcu"], "torch_gcu"),
+])
+def test_user_mistakes_get_one_clear_message(overrides, expected, tmp_path):
+    result = run_launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert expected in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "run" / "lora").exists()  # stopped before any training

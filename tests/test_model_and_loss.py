@@ -1,0 +1,126 @@
+"""Model loading, LoRA injection, attention backends, training targets, Min-SNR and clipping.
+
+All on the tiny SD-2.1-shaped pipeline (real diffusers / transformers / peft classes), on the CPU.
+"""
+
+import pytest
+import torch
+
+from sd_lora.config import Attention, LoraSettings, ModelConfig, PredictionType
+from sd_lora.model import add_lora, load_components, resolve_model_path
+from sd_lora.train import StepModels, clip_gradients, diffusion_loss, min_snr_weights, train_step, training_target
+
+
+def components(path, dtype=torch.float32, **model_kw):
+    cfg = ModelConfig(pretrained_model_name_or_path=str(path), **model_kw)
+    return load_components(cfg, resolve_model_path(cfg), dtype=dtype)
+
+
+def test_v_prediction_target_is_the_velocity(tiny_model_path):
+    sched = components(tiny_model_path).noise_scheduler
+    assert sched.config.prediction_type == "v_prediction"  # read from the folder's scheduler config
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    acp = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = acp.sqrt() * noise - (1 - acp).sqrt() * x0  # v = alpha_t * eps - sigma_t * x0
+    torch.testing.assert_close(training_target(sched, x0, noise, t), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prediction_type_override_gives_epsilon_target(tiny_model_path):
+    sched = components(tiny_model_path, prediction_type=PredictionType.epsilon).noise_scheduler
+    assert sched.config.prediction_type == "epsilon"
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(training_target(sched, x0, noise, torch.tensor([10, 900])), noise)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_min_snr_weights_follow_the_prediction_type(tiny_model_path, prediction_type):
+    sched = components(tiny_model_path, prediction_type=PredictionType(prediction_type)).noise_scheduler
+    t = torch.tensor([0, 50, 300, 999])
+    acp = sched.alphas_cumprod[t].double()
+    snr = acp / (1 - acp)
+    gamma = 5.0
+    expected = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    weights = min_snr_weights(sched, t, gamma)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-4, atol=1e-6)
+    # the other type's formula gives clearly different weights, so a mix-up would fail above
+    other = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr if prediction_type == "v_prediction" else snr + 1)
+    assert not torch.allclose(weights.double(), other, rtol=1e-2)
+
+    pred, target = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(diffusion_loss(pred, target, t, sched, gamma), (per_sample * weights).mean())
+    torch.testing.assert_close(diffusion_loss(pred, target, t, sched, None), per_sample.mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_only_lora_weights_train_and_they_stay_fp32(tiny_model_path, dtype):
+    unet = components(tiny_model_path, dtype=dtype).unet
+    params = add_lora(unet, Attention.sdp, LoraSettings(rank=4, alpha=8))
+    trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and len(params) == len(trainable)
+    assert all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    frozen = [p for n, p in unet.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == dtype for p in frozen)
+    # every targeted projection got an adapter, with alpha separate from rank
+    lora_a = [n for n in trainable if "lora_A" in n]
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in lora_a} == {"to_q", "to_k", "to_v", "0"}
+    assert unet.peft_config["default"].r == 4 and unet.peft_config["default"].lora_alpha == 8
+
+
+@pytest.mark.parametrize("attention,expected", [(Attention.sdp, "AttnProcessor2_0"), (Attention.eager, "AttnProcessor")])
+def test_attention_processors_survive_lora_injection(tiny_model_path, attention, expected):
+    unet = components(tiny_model_path).unet
+    add_lora(unet, attention, LoraSettings())
+    names = {type(p).__name__ for p in unet.attn_processors.values()}
+    assert names == {expected}
+
+
+def test_sdp_and_eager_give_the_same_unet_output(tiny_model_path):
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 700])
+    outputs = {}
+    for attention in Attention:
+        unet = components(tiny_model_path).unet
+        torch.manual_seed(0)
+        add_lora(unet, attention, LoraSettings())
+        for name, p in unet.named_parameters():  # make the LoRA branch non-zero so it is exercised too
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=g.manual_seed(hash(name) % 2**31))
+        with torch.no_grad():
+            outputs[attention] = unet(latents, t, text).sample
+    torch.testing.assert_close(outputs[Attention.sdp], outputs[Attention.eager], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_clipping_clips_the_lora_parameters(tiny_model_path):
+    from accelerate import Accelerator
+
+    comps = components(tiny_model_path)
+    params = add_lora(comps.unet, Attention.sdp, LoraSettings())
+    for name, p in comps.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    accelerator = Accelerator(cpu=True)
+    batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1,
+             "input_ids": comps.tokenizer(["a red circle", "a blue square"], padding="max_length",
+                                          max_length=77, return_tensors="pt").input_ids}
+    models = StepModels(comps.unet, comps.vae, comps.text_encoder, comps.noise_scheduler, torch.float32)
+    torch.manual_seed(0)
+    (train_step(models, batch, 0.0, None) * 1e4).backward()  # a gradient far above the clip norm
+    before = [p.grad.clone() for p in params]
+    norm_before = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in before]))
+    assert norm_before > 10
+
+    assert clip_gradients(accelerator, params, None) is None
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, before))  # null = no clipping
+
+    returned = clip_gradients(accelerator, params, 1.0)
+    torch.testing.assert_close(returned, norm_before, rtol=1e-4, atol=0)
+    norm_after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    assert norm_after == pytest.approx(1.0, rel=1e-3)
+    scale = 1.0 / norm_before
+    for p, g in zip(params, before):  # same direction, scaled down
+        torch.testing.assert_close(p.grad, g * scale, rtol=1e-3, atol=1e-8)
