@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", user_message(exc))
         sys.exit(2)
     if report is not None:
-        print(f"results: {run_dir} (LoRA: {report['lora_path']}, report: {run_dir}/report.json)")
+        print(f"results in {run_dir}: lora/ (the LoRA), report.json, samples/, tensorboard/, checkpoints/")
         return report["final_loss"]
     return None
 
