@@ -180,7 +180,7 @@ class PrecisionConfig:
 class DeviceConfig:
     type: DeviceType = DeviceType.auto  # auto = cuda if present, else gcu if torch_gcu 2.x reports a device, else cpu
     num_processes: int = 1  # worker processes (one per accelerator) on this machine
-    transfer_to_gcu: bool = False  # gcu: import torch_gcu.transfer_to_gcu so accelerate's CUDA path drives the GCU
+    transfer_to_gcu: bool = True  # gcu only: turn on torch_gcu.transfer_to_gcu so accelerate's CUDA path drives the GCU
 
     def __post_init__(self):
         _check(self.num_processes >= 1, "device.num_processes", self.num_processes, "use 1 or more")

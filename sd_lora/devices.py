@@ -85,6 +85,9 @@ class Backend:
     def device_name(self) -> str:
         return self.name
 
+    def enable_tf32(self) -> None:
+        """Allow TF32 matmuls where the device has them (CUDA Ampere and later)."""
+
     def check(self, mixed_precision: str) -> None:
         """Raise UserError if this backend cannot run here with this precision."""
         if not self.is_available():
@@ -164,6 +167,10 @@ class CudaBackend(Backend):
     def device_name(self) -> str:
         return torch.cuda.get_device_name()
 
+    def enable_tf32(self) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
     def unavailable_message(self) -> str:
         return (
             "device=cuda but torch sees no CUDA device "
@@ -219,6 +226,12 @@ class GcuBackend(Backend):
     def check(self, mixed_precision: str) -> None:
         self.gcu  # missing or 1.x torch_gcu: its own message, before "not available"
         super().check(mixed_precision)
+        if not self.transfer_to_gcu:
+            raise UserError(
+                "device=gcu with device.transfer_to_gcu=false: upstream accelerate has no GCU device type, so the "
+                "trainer needs torch_gcu.transfer_to_gcu to run accelerate's CUDA path on the GCU; "
+                "set device.transfer_to_gcu=true (the gcu option's default)"
+            )
 
     def device_count(self) -> int:
         return self.gcu.device_count()
@@ -252,11 +265,13 @@ class GcuBackend(Backend):
             "check the GCU driver and TOPS_VISIBLE_DEVICES, or use device=cpu"
         )
 
-    def enable_transfer_to_gcu(self) -> None:
+    def enable_transfer_to_gcu(self):
         """Redirect torch.cuda / nccl to GCU so that accelerate's CUDA code path drives the GCU."""
         self.gcu
-        importlib.import_module("torch_gcu.transfer_to_gcu")
-        log.info("device=gcu: torch_gcu.transfer_to_gcu is on; accelerate runs its CUDA path on the GCU")
+        module = importlib.import_module("torch_gcu.transfer_to_gcu")
+        log.info("device=gcu: torch_gcu.transfer_to_gcu is on; accelerate runs its CUDA path on the GCU "
+                 "(torch.cuda -> torch.gcu, nccl -> eccl)")
+        return module
 
 
 def gcu_present() -> bool:

@@ -189,8 +189,8 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     accelerator = build_accelerator(cfg, backend, run_dir)
     set_seed(cfg.trainer.seed, device_specific=False)
     backend.manual_seed_all(cfg.trainer.seed)
-    if cfg.trainer.allow_tf32 and backend.name == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if cfg.trainer.allow_tf32:
+        backend.enable_tf32()
 
     weight_dtype = WEIGHT_DTYPES[cfg.precision.mixed_precision]
     comps = load_components(cfg.model, model_path, dtype=weight_dtype)
