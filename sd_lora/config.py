@@ -123,6 +123,8 @@ class DatasetConfig:
     random_flip: bool = False  # random horizontal flip with p=0.5
     max_train_samples: Optional[int] = None  # keep only the first N samples (after a seeded shuffle)
     num_workers: int = 0  # DataLoader worker processes
+    cache: bool = False  # encode every image (and its mirror image) and caption once; the VAE and text encoder then leave the accelerator
+    cache_dir: Optional[str] = None  # where caches are kept; null = $SD_LORA_CACHE/embeddings
 
     def __post_init__(self):
         _check(
@@ -151,6 +153,7 @@ class OptimizerConfig:
     lr_scheduler: LrScheduler = LrScheduler.constant
     lr_warmup_steps: int = 0  # optimizer steps of linear warm-up
     max_grad_norm: Optional[float] = 1.0  # clip the LoRA gradients' global norm; null = no clipping
+    fused: Optional[bool] = None  # fused AdamW kernel; null = where the device supports it
 
     def __post_init__(self):
         _check(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate such as 1e-4")
@@ -206,6 +209,9 @@ class TrainerConfig:
     noise_offset: float = 0.0  # scale of per-channel offset noise; 0 = off
     log_every_n_steps: int = 1  # loss/lr/throughput to tensorboard and the progress bar every N steps
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ CUDA
+    channels_last: bool = False  # U-Net weights and activations in NHWC memory format (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the U-Net (through accelerate); its time shows in the report's first_step_s
+    compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs
 
     def __post_init__(self):
         for key in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "validation_epochs",
@@ -221,6 +227,8 @@ class TrainerConfig:
         _check(self.snr_gamma is None or self.snr_gamma > 0, "trainer.snr_gamma", self.snr_gamma,
                "use a positive gamma such as 5.0, or null to turn Min-SNR weighting off")
         _check(self.noise_offset >= 0, "trainer.noise_offset", self.noise_offset, "use 0 or more")
+        modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        _check(self.compile_mode in modes, "trainer.compile_mode", self.compile_mode, f"use one of {list(modes)}")
 
 
 @dataclass
@@ -271,9 +279,15 @@ def register_resolvers() -> None:
 
 def to_config(cfg) -> Config:
     """DictConfig composed by Hydra -> validated `Config` (runs every check above)."""
+    from omegaconf.errors import MissingMandatoryValue
+
     if isinstance(cfg, Config):
         return cfg
-    return OmegaConf.to_object(cfg)
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "a required key"
+        raise UserError(f"{key} has no value (???): give it on the command line, e.g. {key}=...") from None
 
 
 register_configs()

@@ -36,8 +36,13 @@ def load_table(cfg: DatasetConfig, seed: int = 0):
             table = datasets.load_from_disk(str(path))
             if isinstance(table, datasets.DatasetDict):
                 table = _pick_split(table, cfg.split, path)
+            elif str(table.split or "train") != cfg.split:
+                raise UserError(f"dataset.split={cfg.split!r}: the saved data set at {path} is a single split "
+                                f"({table.split or 'train'}); set dataset.split={table.split or 'train'}")
         else:
             table = _pick_split(datasets.load_dataset(str(path)), cfg.split, path)
+    except UserError:
+        raise
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
         raise UserError(f"dataset.path={cfg.path!r}: could not read a data set in {path}: {exc}") from None
     columns = list(table.column_names)
@@ -152,14 +157,14 @@ def collate(examples: list[dict]) -> dict:
 
 
 def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, seed: int,
-                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                     pin_memory: bool = False, collate_fn=collate) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=True,
         generator=generator,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

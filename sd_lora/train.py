@@ -79,13 +79,22 @@ class StepModels:
     noise_scheduler: object
     weight_dtype: torch.dtype
 
+    @property
+    def scaling_factor(self) -> float:
+        return self.vae.config.scaling_factor
+
 
 def train_step(m: StepModels, batch: dict, noise_offset: float, snr_gamma: float | None) -> torch.Tensor:
     """Loss of one micro-batch (what diffusers' LoRA script computes each step)."""
-    with torch.no_grad():
-        pixel_values = batch["pixel_values"].to(dtype=m.weight_dtype)
-        latents = m.vae.encode(pixel_values).latent_dist.sample() * m.vae.config.scaling_factor
-        encoder_hidden_states = m.text_encoder(batch["input_ids"], return_dict=False)[0]
+    if "latent_mean" in batch:  # cached posterior: sample it anew, as the VAE's latent_dist.sample() does
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        latents = ((mean + std * torch.randn_like(mean)) * m.scaling_factor).to(m.weight_dtype)
+        encoder_hidden_states = batch["encoder_hidden_states"].to(m.weight_dtype)
+    else:
+        with torch.no_grad():
+            pixel_values = batch["pixel_values"].to(dtype=m.weight_dtype)
+            latents = m.vae.encode(pixel_values).latent_dist.sample() * m.scaling_factor
+            encoder_hidden_states = m.text_encoder(batch["input_ids"], return_dict=False)[0]
     noise = torch.randn_like(latents)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device,
@@ -114,27 +123,43 @@ def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: floa
 
 @dataclass
 class Timer:
-    """Wall time of the optimizer steps after `skip_steps` (synchronised at both ends only)."""
+    """Wall time of the optimizer steps after the first `skip_steps` of this process (synchronised at both ends).
+
+    Also the time to the first optimizer step, which holds torch.compile's compilation when it is on.
+    """
 
     skip_steps: int
+    steps: int = 0  # optimizer steps this process has done
     start: float | None = None
-    start_step: int = 0
     end: float | None = None
-    end_step: int = 0
+    loop_start: float = field(default_factory=time.perf_counter)
+    first_step_s: float | None = None
 
-    def at_step(self, step: int, backend: Backend) -> None:
-        if step == self.skip_steps and self.start is None:
+    def __post_init__(self):
+        if self.skip_steps == 0:
+            self.start = self.loop_start
+
+    def step(self, backend: Backend) -> None:
+        self.steps += 1
+        if self.steps == 1:
             backend.synchronize()
-            self.start, self.start_step = time.perf_counter(), step
+            self.first_step_s = time.perf_counter() - self.loop_start
+        if self.steps == self.skip_steps:
+            backend.synchronize()
+            self.start = time.perf_counter()
 
-    def stop(self, step: int, backend: Backend) -> None:
+    def stop(self, backend: Backend) -> None:
         backend.synchronize()
-        self.end, self.end_step = time.perf_counter(), step
+        self.end = time.perf_counter()
+
+    @property
+    def timed_steps(self) -> int:
+        return max(0, self.steps - self.skip_steps) if self.start is not None else 0
 
     def seconds_per_step(self) -> float | None:
-        if self.start is None or self.end is None or self.end_step <= self.start_step:
+        if self.end is None or self.timed_steps == 0:
             return None
-        return (self.end - self.start) / (self.end_step - self.start_step)
+        return (self.end - self.start) / self.timed_steps
 
 
 @dataclass
@@ -152,6 +177,8 @@ def checks_before_work(cfg: Config) -> tuple[Backend, Path, object]:
 
     backend = build_backend(cfg.device.type.value, transfer_to_gcu=cfg.device.transfer_to_gcu)
     backend.check(cfg.precision.mixed_precision.value)
+    if cfg.trainer.compile and not backend.capabilities().compile:
+        raise UserError(f"trainer.compile=true is not supported on device={backend.name}; set trainer.compile=false")
     if cfg.device.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise UserError(
             f"device.num_processes={cfg.device.num_processes}: starting several worker processes from one "
@@ -168,14 +195,20 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin
+
     if backend.name == "gcu" and backend.transfer_to_gcu:
         backend.enable_transfer_to_gcu()
+    kwargs = dict(backend.accelerator_kwargs())
+    if cfg.trainer.compile:  # accelerate compiles in prepare(), after any DDP wrapping
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=cfg.trainer.compile_mode)
     return Accelerator(
         mixed_precision=cfg.precision.mixed_precision.value,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
-        **backend.accelerator_kwargs(),
+        dataloader_config=DataLoaderConfiguration(non_blocking=backend.name != "cpu"),
+        **kwargs,
     )
 
 
@@ -199,12 +232,15 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     lora_params = add_lora(comps.unet, cfg.model.attention, cfg.model.lora)
     if cfg.trainer.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
+    if cfg.trainer.channels_last:
+        comps.unet.to(memory_format=torch.channels_last)
 
-    dataset = CaptionedImages(table, cfg.dataset, comps.tokenizer)
+    dataset, collate_fn = build_dataset(cfg, accelerator, comps, model_path, table, weight_dtype)
     dataloader = build_dataloader(dataset, cfg.trainer.train_batch_size, cfg.dataset.num_workers, cfg.trainer.seed,
-                                  pin_memory=backend.name != "cpu")
+                                  pin_memory=backend.name != "cpu", collate_fn=collate_fn)
+    fused = backend.capabilities().fused_optimizer if cfg.optimizer.fused is None else cfg.optimizer.fused
     optimizer, lr_scheduler, max_train_steps, num_epochs = build_optimization(cfg, lora_params, len(dataloader),
-                                                                               accelerator.num_processes)
+                                                                               accelerator.num_processes, fused)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(comps.unet, optimizer, dataloader, lr_scheduler)
     register_checkpoint_hooks(accelerator, unet)
 
@@ -222,13 +258,13 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     timer = Timer(cfg.trainer.skip_steps)
     run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state, timer,
              max_train_steps, num_epochs, comps, model_path, run_dir)
-    timer.stop(state.global_step, backend)
+    timer.stop(backend)
 
     save_checkpoint(accelerator, cfg, run_dir, state.global_step)  # LoRA-only and small: lets a run be extended
     accelerator.wait_for_everyone()
     report = None
     if accelerator.is_main_process:
-        base = accelerator.unwrap_model(unet)
+        base = accelerator.unwrap_model(unet, keep_torch_compile=False)
         lora_file = save_lora(base, run_dir / "lora", metadata={"sd_lora_config": config_json(cfg)})
         report = build_report(cfg, accelerator, backend, model_path, state, timer, max_train_steps, lora_file,
                               time.perf_counter() - t0)
@@ -238,7 +274,30 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     return report
 
 
-def build_optimization(cfg: Config, params, batches_per_epoch: int, num_processes: int):
+def build_dataset(cfg: Config, accelerator, comps, model_path: Path, table, weight_dtype: torch.dtype):
+    """The training data set and its collate function: decoded images, or the embedding cache."""
+    from sd_lora.cache import CachedEmbeddings, cache_key, collate_cached, compute_embeddings, load_or_build
+    from sd_lora.config import cache_dir
+    from sd_lora.data import collate
+
+    if not cfg.dataset.cache:
+        return CaptionedImages(table, cfg.dataset, comps.tokenizer), collate
+    key = cache_key(cfg.model, model_path, comps.vae, comps.text_encoder, comps.tokenizer, table, cfg.dataset,
+                    weight_dtype)
+    path = Path(cfg.dataset.cache_dir or cache_dir() / "embeddings") / f"{key}.safetensors"
+    with accelerator.main_process_first():  # the main process builds, the others then read its file
+        tensors = load_or_build(path, lambda: compute_embeddings(table, cfg.dataset, comps.tokenizer, comps.vae,
+                                                                 comps.text_encoder, accelerator.device, weight_dtype))
+    offload(comps, "cpu")  # not needed by the training step any more; validation brings them back
+    return CachedEmbeddings(tensors, cfg.dataset.random_flip), collate_cached
+
+
+def offload(comps, device) -> None:
+    comps.vae.to(device)
+    comps.text_encoder.to(device)
+
+
+def build_optimization(cfg: Config, params, batches_per_epoch: int, num_processes: int, fused: bool = False):
     """Optimizer, lr schedule, total optimizer steps and epochs (diffusers' arithmetic)."""
     from diffusers.optimization import get_scheduler
 
@@ -249,7 +308,8 @@ def build_optimization(cfg: Config, params, batches_per_epoch: int, num_processe
     max_train_steps = t.max_train_steps or t.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     lr = o.lr * (t.train_batch_size * t.gradient_accumulation_steps * num_processes if o.scale_lr else 1)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
+                                  **({"fused": True} if fused else {}))
     # a prepared scheduler steps once per process per optimizer step, hence the factor (as in diffusers)
     lr_scheduler = get_scheduler(o.lr_scheduler.value, optimizer=optimizer,
                                  num_warmup_steps=o.lr_warmup_steps * num_processes,
@@ -288,7 +348,7 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
                 continue
             state.global_step += 1
             progress.update(1)
-            timer.at_step(state.global_step, backend)
+            timer.step(backend)
             if state.global_step % t.log_every_n_steps == 0 or state.global_step == max_train_steps:
                 mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
                 loss_sum.zero_()
@@ -330,7 +390,8 @@ def run_validation(cfg, accelerator, backend, models: StepModels, comps, model_p
     from diffusers import StableDiffusionPipeline
 
     t = cfg.trainer
-    unet = accelerator.unwrap_model(models.unet)
+    unet = accelerator.unwrap_model(models.unet, keep_torch_compile=False)
+    offload(comps, accelerator.device)
     pipeline = StableDiffusionPipeline.from_pretrained(
         model_path, unet=unet, vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -358,6 +419,8 @@ def run_validation(cfg, accelerator, backend, models: StepModels, comps, model_p
                                dataformats="NHWC")
     if was_training:
         unet.train()
+    if cfg.dataset.cache:
+        offload(comps, "cpu")
     log.info("validation at step %d: %d image(s) in %s", step, len(written), out)
     return written
 
@@ -374,14 +437,15 @@ def register_checkpoint_hooks(accelerator, unet) -> None:
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                save_file({k: v.contiguous() for k, v in lora_state_dict(accelerator.unwrap_model(model)).items()},
+                base = accelerator.unwrap_model(model, keep_torch_compile=False)
+                save_file({k: v.contiguous() for k, v in lora_state_dict(base).items()},
                           str(Path(output_dir) / "lora.safetensors"))
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
         while models:
-            model = accelerator.unwrap_model(models.pop())
+            model = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
             state = convert_unet_state_dict_to_peft(load_file(str(Path(input_dir) / "lora.safetensors")))
             result = set_peft_model_state_dict(model, state, adapter_name="default")
             unexpected = getattr(result, "unexpected_keys", None)
@@ -484,7 +548,8 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         # measured
         "samples_per_second": None if seconds_per_step is None else global_batch / seconds_per_step,
         "seconds_per_step": seconds_per_step,
-        "timed_steps": max(0, timer.end_step - timer.start_step) if timer.start is not None else 0,
+        "timed_steps": timer.timed_steps,
+        "first_step_s": timer.first_step_s,
         "peak_memory_bytes": peak,
         "peak_memory_gib": peak / 2**30,
         "peak_memory_kind": "process peak RSS" if backend.name == "cpu" else f"{backend.name} max_memory_allocated",
@@ -499,5 +564,9 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "lora_rank": cfg.model.lora.rank,
         "lora_alpha": cfg.model.lora.lora_alpha,
         "lora_path": str(lora_file),
+        "cache": cfg.dataset.cache,
+        "compile": cfg.trainer.compile,
+        "channels_last": cfg.trainer.channels_last,
+        "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
         "seed": cfg.trainer.seed,
     }

@@ -1,0 +1,132 @@
+"""Cache of the VAE posteriors and text embeddings of a data set (`dataset.cache=true`).
+
+The VAE encode is a third of the reference step's FLOPs and the text encoder runs every step on
+the same captions; both are frozen, so their outputs can be computed once. The cache must not
+change what is trained: it keeps each image's posterior mean and std (the latent is sampled anew
+every step, as the reference does), and when `random_flip` is on it keeps the flipped image's
+posterior too and picks one of the two per sample and epoch.
+
+A cache is keyed by a hash of everything its contents depend on (model folder, revision, variant,
+VAE and text encoder configs, dtype, the data set's fingerprint, split, columns, resolution, crop,
+flip, sample count, tokenizer length), so a changed setting never reuses a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from sd_lora.config import DatasetConfig, ModelConfig
+from sd_lora.data import _image_where, decode_image, tokenize, train_transform
+from sd_lora.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the layout of a cache file changes
+
+
+def cache_key(model_cfg: ModelConfig, model_path: Path, vae, text_encoder, tokenizer, table, cfg: DatasetConfig,
+              dtype: torch.dtype) -> str:
+    parts = {
+        "format": CACHE_FORMAT,
+        "model_path": str(Path(model_path).resolve()),
+        "revision": model_cfg.revision,
+        "variant": model_cfg.variant,
+        "vae": dict(vae.config),
+        "text_encoder": text_encoder.config.to_dict(),
+        "tokenizer_max_length": tokenizer.model_max_length,
+        "dtype": str(dtype),
+        "dataset_path": str(Path(cfg.path).expanduser().resolve()) if Path(cfg.path).expanduser().exists() else cfg.path,
+        "fingerprint": getattr(table, "_fingerprint", None),
+        "rows": len(table),
+        "split": cfg.split,
+        "image_column": cfg.image_column,
+        "caption_column": cfg.caption_column,
+        "resolution": cfg.resolution,
+        "center_crop": cfg.center_crop,
+        "random_flip": cfg.random_flip,
+        "max_train_samples": cfg.max_train_samples,
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_embeddings(table, cfg: DatasetConfig, tokenizer, vae, text_encoder, device, dtype: torch.dtype,
+                       batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Posterior mean/std of every image (and its mirror image) and the text embedding of every caption."""
+    from tqdm.auto import tqdm
+
+    views = 2 if cfg.random_flip else 1
+    means, stds, texts = [], [], []
+    for start in tqdm(range(0, len(table), batch_size), desc="caching latents and text embeddings"):
+        rows = table[start:start + batch_size]
+        images, captions = [], []
+        for offset, (cell, caption) in enumerate(zip(rows[cfg.image_column], rows[cfg.caption_column])):
+            index = start + offset
+            image = decode_image(cell, _image_where(cell, index))
+            w, h = image.size
+            if not cfg.center_crop and w != h:
+                raise UserError(
+                    f"dataset.cache=true with dataset.center_crop=false: {_image_where(cell, index)} is {w}x{h}, and a "
+                    "random crop of a non-square image differs every epoch, so it cannot be cached; set "
+                    "dataset.center_crop=true or dataset.cache=false"
+                )
+            if not isinstance(caption, str):
+                raise UserError(f"dataset.cache=true needs one caption string per row; data set row {index} holds "
+                                f"{type(caption).__name__}; set dataset.cache=false")
+            pixels = train_transform(image, cfg.resolution, center_crop=True, random_flip=False)
+            images.append(pixels)
+            if views == 2:
+                images.append(torch.flip(pixels, dims=[2]))
+            captions.append(caption)
+        pixel_values = torch.stack(images).to(device, dtype=dtype)
+        posterior = vae.encode(pixel_values).latent_dist
+        shape = (len(captions), views) + tuple(posterior.mean.shape[1:])
+        means.append(posterior.mean.float().reshape(shape).cpu())
+        stds.append(posterior.std.float().reshape(shape).cpu())
+        ids = tokenize(tokenizer, captions).to(device)
+        texts.append(text_encoder(ids, return_dict=False)[0].float().cpu())
+    return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), "encoder_hidden_states": torch.cat(texts)}
+
+
+def load_or_build(path: Path, build) -> dict[str, torch.Tensor]:
+    """Read the cache file at `path`, or build it with `build()` and write it atomically."""
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        log.info("using cached latents and text embeddings: %s", path)
+        return load_file(str(path))
+    tensors = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+    log.info("cached latents and text embeddings of %d samples: %s", len(tensors["latent_mean"]), path)
+    return tensors
+
+
+class CachedEmbeddings(torch.utils.data.Dataset):
+    """Cached rows -> {"latent_mean", "latent_std", "encoder_hidden_states"}; a random view when flipping."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], random_flip: bool):
+        self.mean, self.std = tensors["latent_mean"], tensors["latent_std"]
+        self.text = tensors["encoder_hidden_states"]
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, index: int) -> dict:
+        view = 1 if self.random_flip and float(torch.rand(1)) < 0.5 else 0
+        return {"latent_mean": self.mean[index, view], "latent_std": self.std[index, view],
+                "encoder_hidden_states": self.text[index]}
+
+
+def collate_cached(examples: list[dict]) -> dict:
+    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}

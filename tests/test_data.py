@@ -1,0 +1,377 @@
+"""sd_lora.data on real PIL images, real `datasets` tables on disk and the tiny pipeline's CLIPTokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sd_lora
+from sd_lora.config import DatasetConfig
+from sd_lora.data import CaptionedImages, build_dataloader, load_table, pick_caption, train_transform
+from sd_lora.demo import build_tiny_pipeline, write_shapes
+from sd_lora.errors import UserError
+
+SHAPES = Path(sd_lora.__file__).parent / "assets" / "shapes"
+
+# solid colours of different sizes/orientations; the caption names the colour, so a row's pixels
+# tell whether image and caption stayed together
+ROWS = [
+    ("red", (255, 0, 0), (20, 12)),
+    ("green", (0, 255, 0), (12, 20)),
+    ("blue", (0, 0, 255), (16, 16)),
+    ("yellow", (255, 255, 0), (24, 16)),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """Keep the arrow caches `load_dataset` writes out of the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_pipeline().tokenizer
+
+
+def solid(colour, size) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """CHW in [-1, 1] -> HWC uint8."""
+    return np.rint((pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).astype(np.int64)
+
+
+def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# data sets on disk in the three layouts load_table reads
+
+
+def write_imagefolder(root: Path, rows=ROWS) -> Path:
+    root.mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, (name, colour, size) in enumerate(rows):
+            solid(colour, size).save(root / f"{i:02d}.png")
+            f.write(json.dumps({"file_name": f"{i:02d}.png", "text": f"a {name} square"}) + "\n")
+    return root
+
+
+def rows_dataset(rows=ROWS) -> datasets.Dataset:
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    return datasets.Dataset.from_dict(
+        {"image": [solid(c, s) for _, c, s in rows], "text": [f"a {n} square" for n, _, _ in rows]},
+        features=features,
+    )
+
+
+def write_save_to_disk(root: Path) -> Path:
+    rows_dataset().save_to_disk(str(root))
+    return root
+
+
+def write_hub_layout(root: Path) -> Path:
+    (root / "data").mkdir(parents=True)
+    rows_dataset().to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    return root
+
+
+LAYOUTS = {"imagefolder": write_imagefolder, "save_to_disk": write_save_to_disk, "hub_layout": write_hub_layout}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_load_table_and_captioned_images(layout, tmp_path, tokenizer):
+    path = LAYOUTS[layout](tmp_path / layout)
+    cfg = DatasetConfig(path=str(path), resolution=8, center_crop=True, random_flip=False)
+    table = load_table(cfg)
+
+    assert len(table) == len(ROWS)
+    assert {"image", "text"} <= set(table.column_names)
+    # images are left undecoded, so a broken file is only met (and named) when its row is fetched
+    assert isinstance(table.features["image"], datasets.Image) and table.features["image"].decode is False
+
+    items = CaptionedImages(table, cfg, tokenizer)
+    assert len(items) == len(ROWS)
+    colours = {f"a {n} square": c for n, c, _ in ROWS}
+    seen = set()
+    for i in range(len(items)):
+        item = items[i]
+        assert set(item) == {"pixel_values", "input_ids"}
+        pixels, ids = item["pixel_values"], item["input_ids"]
+        assert pixels.shape == (3, 8, 8) and pixels.dtype == torch.float32
+        assert ids.shape == (tokenizer.model_max_length,) and ids.dtype == torch.int64
+        caption = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert caption in colours
+        assert ids.tolist() == tokenizer(caption, max_length=tokenizer.model_max_length,
+                                         padding="max_length", truncation=True).input_ids
+        # the image of this row, not another one's
+        assert (to_uint8(pixels) == np.array(colours[caption])).all(), (i, caption)
+        seen.add(caption)
+    assert seen == set(colours)
+
+    batch = next(iter(build_dataloader(items, batch_size=3, num_workers=0, seed=0)))
+    assert batch["pixel_values"].shape == (3, 3, 8, 8)
+    assert batch["input_ids"].shape == (3, tokenizer.model_max_length)
+
+
+def test_load_table_picks_split_of_saved_dataset_dict(tmp_path):
+    full = rows_dataset()
+    datasets.DatasetDict({"train": full.select([0, 1, 2]), "test": full.select([3])}).save_to_disk(str(tmp_path / "dd"))
+    table = load_table(DatasetConfig(path=str(tmp_path / "dd"), split="test"))
+    assert table["text"] == ["a yellow square"]
+    with pytest.raises(UserError) as info:
+        load_table(DatasetConfig(path=str(tmp_path / "dd"), split="validation"))
+    assert "dataset.split='validation'" in str(info.value)
+    assert "['train', 'test']" in str(info.value)
+
+
+def test_load_table_unknown_split_of_hub_layout(tmp_path):
+    path = write_hub_layout(tmp_path / "hub")
+    with pytest.raises(UserError) as info:
+        load_table(DatasetConfig(path=str(path), split="validation"))
+    assert "dataset.split='validation'" in str(info.value)
+    assert "['train']" in str(info.value)
+
+
+def test_bundled_shapes_load(tokenizer):
+    table = load_table(DatasetConfig(path=str(SHAPES), resolution=64, center_crop=True))
+    metadata = [json.loads(line) for line in (SHAPES / "metadata.jsonl").read_text().splitlines()]
+    assert len(table) == len(metadata)
+    # imagefolder pairs each file with its own caption
+    caption_of = {m["file_name"]: m["text"] for m in metadata}
+    for row in table.select(range(0, len(table), 17)):
+        assert row["text"] == caption_of[Path(row["image"]["path"]).name]
+    item = CaptionedImages(table, DatasetConfig(path=str(SHAPES), resolution=64, center_crop=True), tokenizer)[0]
+    assert item["pixel_values"].shape == (3, 64, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+def test_missing_folder_with_source_repo_names_download_command(tmp_path):
+    missing = tmp_path / "nowhere" / "pokemon"
+    with pytest.raises(UserError) as info:
+        load_table(DatasetConfig(path=str(missing), source_repo="someone/some-captions"))
+    text = str(info.value)
+    assert f"dataset.path={str(missing)!r}" in text
+    assert str(missing) in text.split("folder not found at", 1)[1]
+    assert f"hf download someone/some-captions --repo-type dataset --local-dir {missing}" in text
+
+
+def test_missing_folder_without_source_repo_says_where_to_put_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UserError) as info:
+        load_table(DatasetConfig(path=str(missing)))
+    assert f"put a copy of it at {missing}" in str(info.value)
+    assert "hf download" not in str(info.value)
+
+
+def test_missing_relative_folder_shaped_like_hub_id_uses_source_repo(tmp_path, monkeypatch):
+    # the pokemon experiment's case: a relative folder `pokemon/pokemon_blip_captions` that is a copy
+    # of another hub repo; the hint must download that repo into the folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        load_table(DatasetConfig(path="pokemon/pokemon_blip_captions", source_repo="lambdalabs/pokemon-blip-captions"))
+    assert ("hf download lambdalabs/pokemon-blip-captions --repo-type dataset "
+            "--local-dir pokemon/pokemon_blip_captions") in str(info.value)
+    assert str(tmp_path / "pokemon" / "pokemon_blip_captions") in str(info.value)
+
+
+def test_hub_id_not_in_cache_names_download_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        load_table(DatasetConfig(path="nobody-sd-lora-test/no-such-dataset"))
+    text = str(info.value)
+    assert "not in the local hub cache" in text
+    assert "hf download nobody-sd-lora-test/no-such-dataset --repo-type dataset" in text
+
+
+def test_folder_without_data(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError) as info:
+        load_table(DatasetConfig(path=str(tmp_path / "empty")))
+    assert "could not read a data set" in str(info.value)
+    assert str(tmp_path / "empty") in str(info.value)
+
+
+@pytest.mark.parametrize("key,field", [("dataset.caption_column", "caption_column"), ("dataset.image_column", "image_column")])
+def test_wrong_column_lists_available_columns(tmp_path, key, field):
+    path = write_save_to_disk(tmp_path / "std")
+    with pytest.raises(UserError) as info:
+        load_table(DatasetConfig(path=str(path), **{field: "caption"}))
+    text = str(info.value)
+    assert f"{key}='caption' is not a column" in text
+    assert str(rows_dataset().column_names) in text  # ['image', 'text']
+
+
+def test_max_train_samples(tmp_path):
+    path = write_save_to_disk(tmp_path / "std")
+    all_captions = set(rows_dataset()["text"])
+    two = load_table(DatasetConfig(path=str(path), max_train_samples=2), seed=3)
+    assert len(two) == 2
+    assert len(set(two["text"])) == 2 and set(two["text"]) <= all_captions
+    assert load_table(DatasetConfig(path=str(path), max_train_samples=2), seed=3)["text"] == two["text"]
+    # a seeded shuffle before the cut: over a few seeds, not always the first two rows
+    firsts = {tuple(load_table(DatasetConfig(path=str(path), max_train_samples=2), seed=s)["text"]) for s in range(6)}
+    assert len(firsts) > 1
+    # more than there are: all rows
+    assert len(load_table(DatasetConfig(path=str(path), max_train_samples=100))) == len(ROWS)
+    assert len(load_table(DatasetConfig(path=str(path)))) == len(ROWS)
+
+
+def test_undecodable_image_named_by_row_and_file(tmp_path, tokenizer):
+    root = write_imagefolder(tmp_path / "imgf")
+    (root / "broken.png").write_bytes(b"this is not a png at all")
+    with open(root / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "broken.png", "text": "a broken square"}) + "\n")
+    cfg = DatasetConfig(path=str(root), resolution=8, center_crop=True)
+    table = load_table(cfg)  # undecoded: loading does not trip on it
+    assert len(table) == len(ROWS) + 1
+    bad = [i for i, row in enumerate(table) if row["image"]["path"].endswith("broken.png")]
+    assert len(bad) == 1
+    items = CaptionedImages(table, cfg, tokenizer)
+    for i in range(len(items)):
+        if i != bad[0]:
+            assert items[i]["pixel_values"].shape == (3, 8, 8)
+    with pytest.raises(UserError) as info:
+        items[bad[0]]
+    text = str(info.value)
+    assert f"data set row {bad[0]} " in text
+    assert str(root / "broken.png") in text
+    assert "cannot be decoded" in text
+
+
+def test_pick_caption():
+    assert pick_caption("a cat", 0, "text") == "a cat"
+    assert {pick_caption(["a", "b"], 0, "text") for _ in range(50)} == {"a", "b"}
+    with pytest.raises(UserError, match=r"row 7: caption column 'label' holds int"):
+        pick_caption(3, 7, "label")
+
+
+# --------------------------------------------------------------------------------------------
+# train_transform
+
+
+def test_transform_shape_dtype_and_range():
+    R = 16
+    array = np.zeros((R, R, 3), np.uint8)
+    array[:, R // 2:] = 255  # left half black, right half white
+    out = train_transform(Image.fromarray(array), R, center_crop=True, random_flip=False)
+    assert out.shape == (3, R, R) and out.dtype == torch.float32
+    assert out.min().item() == -1.0 and out.max().item() == 1.0
+    assert (out[:, :, : R // 2] == -1).all() and (out[:, :, R // 2:] == 1).all()
+    # CHW layout and the x/127.5 - 1 scale, on an image that needs neither resize nor crop
+    pixels = noise(R, R)
+    out = train_transform(Image.fromarray(pixels), R, center_crop=True, random_flip=False)
+    assert out.min() >= -1 and out.max() <= 1
+    np.testing.assert_allclose(out.numpy(), pixels.transpose(2, 0, 1) / 127.5 - 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tall", [False, True])
+def test_transform_resizes_short_side_and_centre_crops(tall):
+    R = 32
+    # 4R x 2R: red | green | blue columns of widths R, 2R, R, and a white stripe over the top quarter
+    # of the green band. Short side to R gives 2R x R, whose centre crop is exactly the green band:
+    # white over rows [0, R/4), green below, no red or blue. (A squash would keep red and blue; a crop
+    # without the resize would miss the stripe.)
+    a = np.zeros((2 * R, 4 * R, 3), np.uint8)
+    a[:, :R] = (255, 0, 0)
+    a[:, R:3 * R] = (0, 255, 0)
+    a[:, 3 * R:] = (0, 0, 255)
+    a[: R // 2, R:3 * R] = (255, 255, 255)
+    if tall:
+        a = a.transpose(1, 0, 2).copy()
+    out = to_uint8(train_transform(Image.fromarray(a), R, center_crop=True, random_flip=False))
+    if tall:
+        out = out.transpose(1, 0, 2)
+    assert out.shape == (R, R, 3)
+    inner = slice(2, R - 2)  # bilinear antialiasing blends a pixel or two at colour edges
+    assert (out[: R // 4 - 2, inner] == 255).all()  # stripe kept at its scaled height
+    assert (out[R // 4 + 2:, inner] == (0, 255, 0)).all()
+    # edge columns: green dominates, never the cropped-away red/blue
+    edges = out[R // 4 + 2:, [0, 1, R - 2, R - 1]]
+    assert (edges[..., 1] >= 192).all() and (edges[..., 0] < 64).all() and (edges[..., 2] < 64).all()
+
+
+def test_centre_crop_is_deterministic():
+    image = Image.fromarray(noise(48, 30))  # needs a resize and a crop
+    first = train_transform(image, 16, center_crop=True, random_flip=False)
+    for seed in range(3):
+        again = train_transform(image, 16, True, False, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("width,height", [(48, 16), (16, 48)])
+def test_random_crop_is_a_window_chosen_by_the_generator(width, height):
+    R = 16
+    pixels = noise(width, height, seed=1)  # short side already R: the crop is a window of `pixels`
+    image = Image.fromarray(pixels)
+    offsets = []
+    for seed in range(8):
+        out = train_transform(image, R, False, False, generator=torch.Generator().manual_seed(seed))
+        got = to_uint8(out)
+        windows = [o for o in range(max(width, height) - R + 1)
+                   if np.array_equal(got, pixels[:, o:o + R] if width > height else pixels[o:o + R, :])]
+        assert len(windows) == 1, f"seed {seed}: not a window of the image"
+        offsets.append(windows[0])
+        again = train_transform(image, R, False, False, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(out, again)  # same generator state, same crop
+    assert len(set(offsets)) > 1
+
+
+def test_random_flip_flips_about_half_the_time():
+    R = 8
+    image = Image.fromarray(noise(R, R, seed=2))  # asymmetric: its mirror differs
+    plain = train_transform(image, R, center_crop=True, random_flip=False)
+    mirror = plain.flip(-1)
+    assert not torch.equal(plain, mirror)
+    generator = torch.Generator().manual_seed(0)
+    flips, draws = 0, 400
+    for _ in range(draws):
+        out = train_transform(image, R, center_crop=True, random_flip=True, generator=generator)
+        if torch.equal(out, mirror):
+            flips += 1
+        else:
+            assert torch.equal(out, plain)
+    assert 0.4 * draws < flips < 0.6 * draws
+
+
+def test_no_random_flip_never_flips():
+    R = 8
+    image = Image.fromarray(noise(R, R, seed=2))
+    plain = train_transform(image, R, center_crop=True, random_flip=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        assert torch.equal(train_transform(image, R, True, False, generator=generator), plain)
+    # random crop without flip: never the mirror of a window (on a square image the window is the image)
+    for _ in range(20):
+        assert torch.equal(train_transform(image, R, False, False, generator=generator), plain)
+
+
+# --------------------------------------------------------------------------------------------
+# bundled shapes data
+
+
+def test_bundled_shapes_match_generator(tmp_path):
+    regenerated = write_shapes(tmp_path / "shapes")
+    bundled_pngs = sorted(p.name for p in SHAPES.glob("*.png"))
+    assert bundled_pngs == sorted(p.name for p in regenerated.glob("*.png"))
+    assert len(bundled_pngs) == len((SHAPES / "metadata.jsonl").read_text().splitlines())
+    for name in bundled_pngs:
+        with Image.open(SHAPES / name) as a, Image.open(regenerated / name) as b:
+            assert a.size == b.size
+            assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))), name
+    assert (SHAPES / "metadata.jsonl").read_text().splitlines() == \
+        (regenerated / "metadata.jsonl").read_text().splitlines()
