@@ -1,0 +1,249 @@
+"""Training speed and memory: diffusers' LoRA loop against the framework's presets, in one run.
+
+    python bench/train_speed.py --work /tmp/bench                      # SD 2.1 architecture, 768 px, batch 4, fp16
+    python bench/train_speed.py --work /tmp/bench --tiny --device cpu  # smoke test of this script on a CPU
+
+Builds the SD 2.1-architecture pipeline with random weights (bench/sd21.py) and a synthetic captioned
+data set at the training resolution, then measures in this one process tree:
+  reference   what diffusers' train_text_to_image_lora.py does each step: VAE encode + text encoder +
+              U-Net with AttnProcessor2_0 under fp16 autocast, LoRA rank 4 on to_q/k/v/out.0, foreach
+              AdamW, clipping, loss read back every step; no compile, no caching
+  nocache     the framework's trainer (`python launch.py`, the loop users run) with the throughput
+              levers except the cache: the same work per step as the reference
+  throughput  `perf=throughput`
+  memory      `perf=memory`
+It prints a table: s/step after --skip steps (the reference: median of synchronised steps; the trainer:
+mean, since it does not synchronise every step), images/s, peak allocated memory, MFU (U-Net forward +
+backward FLOPs per step, counted with torch.utils.flop_counter, over step time over the measured fp16
+matmul rate), and the ratio of images/s to the reference's. Full numbers go to <work>/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+VARIANTS = {
+    "nocache": ["perf=throughput", "dataset.cache=false"],
+    "throughput": ["perf=throughput"],
+    "memory": ["perf=memory"],
+    "eager": ["perf=none"],  # the framework with no levers at all
+}
+
+
+def matmul_tflops(device: str) -> float | None:
+    import torch
+
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
+
+
+def unet_flops(model_path: Path, batch: int, resolution: int, device: str) -> float:
+    """FLOPs of one U-Net forward + backward with LoRA at this batch and resolution."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sd_lora.config import Attention, LoraSettings, ModelConfig
+    from sd_lora.model import add_lora, load_components
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    comps = load_components(ModelConfig(pretrained_model_name_or_path=str(model_path)), model_path, dtype=dtype)
+    unet = comps.unet.to(device)
+    add_lora(unet, Attention.sdp, LoraSettings(rank=4))
+    side = resolution // 8
+    latents = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
+    text = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            out = unet(latents, t, text).sample
+        out.float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
+
+
+def reference_loop(model_path: Path, data: Path, args) -> dict:
+    """diffusers' train_text_to_image_lora.py step, written out (LoRA, fp16 autocast, SDPA, foreach AdamW)."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from peft import LoraConfig
+
+    from sd_lora.config import DatasetConfig, ModelConfig
+    from sd_lora.data import CaptionedImages, build_dataloader, load_table
+    from sd_lora.model import load_components
+
+    mixed = "fp16" if args.device == "cuda" else "no"
+    accelerator = Accelerator(mixed_precision=mixed, cpu=args.device == "cpu")
+    dtype = torch.float16 if mixed == "fp16" else torch.float32
+    torch.manual_seed(0)
+    comps = load_components(ModelConfig(pretrained_model_name_or_path=str(model_path)), model_path, dtype=dtype)
+    unet, vae, text_encoder, sched = comps.unet, comps.vae, comps.text_encoder, comps.noise_scheduler
+    for m in (unet, vae, text_encoder):
+        m.to(accelerator.device)
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)  # foreach, as torch picks on CUDA
+    table = load_table(DatasetConfig(path=str(data), resolution=args.resolution, center_crop=True, random_flip=True))
+    loader = build_dataloader(CaptionedImages(table, DatasetConfig(path=str(data), resolution=args.resolution,
+                                                                   center_crop=True, random_flip=True),
+                                              comps.tokenizer),
+                              args.batch, args.workers, 0, pin_memory=args.device == "cuda")
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, step = [], 0
+    while step < args.steps:
+        for batch in loader:
+            start = time.perf_counter()
+            latents = vae.encode(batch["pixel_values"].to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+            noisy = sched.add_noise(latents, noise, t)
+            ehs = text_encoder(batch["input_ids"], return_dict=False)[0]
+            target = sched.get_velocity(latents, noise, t)
+            pred = unet(noisy, t, ehs, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            loss.item()  # the script reads the loss back every step (train_loss += avg_loss.item())
+            times.append(time.perf_counter() - start)
+            step += 1
+            if step >= args.steps:
+                break
+    timed = times[args.skip:]
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
+    return {"seconds_per_step": statistics.median(timed), "mean_seconds_per_step": statistics.mean(timed),
+            "peak_memory_bytes": peak, "first_step_s": times[0]}
+
+
+def framework_run(name: str, overrides: list[str], model_path: Path, data: Path, args) -> dict:
+    run_dir = Path(args.work) / "runs" / name
+    precision = "fp16" if args.device == "cuda" else "fp32"
+    cmd = [sys.executable, str(ROOT / "launch.py"), f"device={args.device}", f"precision={precision}",
+           f"model.pretrained_model_name_or_path={model_path}", f"dataset.path={data}",
+           f"dataset.resolution={args.resolution}", "dataset.center_crop=true", "dataset.random_flip=true",
+           f"dataset.num_workers={args.workers}", f"trainer.train_batch_size={args.batch}",
+           f"trainer.max_train_steps={args.steps}", f"trainer.skip_steps={args.skip}",
+           "trainer.validation_prompts=[]", "trainer.checkpointing_steps=null",
+           f"dataset.cache_dir={Path(args.work) / 'cache'}", f"hydra.run.dir={run_dir}", *overrides]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    (Path(args.work) / f"{name}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        print(f"{name} failed (exit {result.returncode}):\n{result.stderr[-3000:]}", flush=True)
+        return {"error": result.stderr[-500:]}
+    report = json.loads((run_dir / "report.json").read_text())
+    report["process_wall_s"] = time.perf_counter() - start
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/sd_lora_bench")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="the tiny demo model instead of SD 2.1 (smoke test)")
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--skip", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--variants", default="reference,nocache,throughput,memory")
+    args = parser.parse_args()
+    args.resolution = args.resolution or (64 if args.tiny else 768)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    from sd_lora.demo import ensure_tiny_model, write_shapes
+
+    t0 = time.perf_counter()
+    model_path = ensure_tiny_model(work / "models") if args.tiny else __import__("sd21").build_sd21(work / "sd21")
+    data = work / f"shapes{args.resolution}"
+    if not (data / "metadata.jsonl").is_file():
+        write_shapes(data, size=args.resolution)
+    print(f"model and data ready in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    import torch
+
+    facts = {"torch": torch.__version__, "device": args.device, "resolution": args.resolution, "batch": args.batch,
+             "steps": args.steps, "skip": args.skip}
+    if args.device == "cuda":
+        facts["card"] = torch.cuda.get_device_name()
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    facts.update(diffusers=diffusers.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                 accelerate=accelerate.__version__)
+    facts["matmul_tflops"] = matmul_tflops(args.device)
+    facts["unet_flops"] = unet_flops(model_path, args.batch, args.resolution, args.device)
+    torch.cuda.empty_cache() if args.device == "cuda" else None
+    print(json.dumps(facts), flush=True)
+
+    results = {}
+    for name in args.variants.split(","):
+        t = time.perf_counter()
+        if name == "reference":
+            results[name] = reference_loop(model_path, data, args)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            results[name] = framework_run(name, VARIANTS[name], model_path, data, args)
+        print(f"{name}: done in {time.perf_counter() - t:.0f} s: {json.dumps(results[name], default=str)[:400]}",
+              flush=True)
+        (work / "results.json").write_text(json.dumps({"facts": facts, "results": results}, indent=2, default=str))
+    print_table(facts, results, args.batch)
+
+
+def print_table(facts: dict, results: dict, batch: int) -> None:
+    ref = results.get("reference", {}).get("seconds_per_step")
+    rows = []
+    for name, r in results.items():
+        if "error" in r or not r.get("seconds_per_step"):
+            rows.append(f"| {name} | failed | | | | | |")
+            continue
+        s = r["seconds_per_step"]
+        ips = batch / s
+        peak = r.get("peak_memory_bytes")
+        mfu = facts["unet_flops"] / s / (facts["matmul_tflops"] * 1e12) if facts.get("matmul_tflops") else None
+        ratio = f"{ref / s:.2f}x" if ref else "-"
+        peak_text = f"{peak / 2**30:.2f} GiB" if peak else "-"
+        rows.append(f"| {name} | {s:.4f} | {ips:.1f} | {peak_text} | "
+                    + (f"{mfu:.1%}" if mfu else "-") + f" | {ratio} | {r.get('first_step_s') or 0:.1f} |")
+    print(f"\n{facts.get('card', facts['device'])}, torch {facts['torch']}, diffusers {facts['diffusers']}, "
+          f"{facts['resolution']} px, batch {batch}, U-Net fwd+bwd {facts['unet_flops'] / 1e12:.2f} TFLOP/step, "
+          f"fp16 matmul {facts.get('matmul_tflops') or 0:.0f} TFLOP/s")
+    print("| variant | s/step | images/s | peak memory | MFU | vs reference | first step s |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
