@@ -155,7 +155,7 @@ def framework_run(name: str, overrides: list[str], model_path: Path, data: Path,
            f"dataset.cache_dir={Path(args.work) / 'cache'}", f"hydra.run.dir={run_dir}", *overrides]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    (Path(args.work) / f"{name}.log").write_text(result.stdout + result.stderr)
+    (args.out / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         print(f"{name} failed (exit {result.returncode}):\n{result.stderr[-3000:]}", flush=True)
         return {"error": result.stderr[-500:]}
@@ -175,10 +175,13 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--variants", default="reference,nocache,throughput,memory")
+    parser.add_argument("--out", default=None, help="folder for results.json and the runs' logs (default: --work)")
     args = parser.parse_args()
     args.resolution = args.resolution or (64 if args.tiny else 768)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    args.out = Path(args.out or work)
+    args.out.mkdir(parents=True, exist_ok=True)
 
     from sd_lora.demo import ensure_tiny_model, write_shapes
 
@@ -218,7 +221,7 @@ def main() -> None:
             results[name] = framework_run(name, VARIANTS[name], model_path, data, args)
         print(f"{name}: done in {time.perf_counter() - t:.0f} s: {json.dumps(results[name], default=str)[:400]}",
               flush=True)
-        (work / "results.json").write_text(json.dumps({"facts": facts, "results": results}, indent=2, default=str))
+        (args.out / "results.json").write_text(json.dumps({"facts": facts, "results": results}, indent=2, default=str))
     print_table(facts, results, args.batch)
 
 
