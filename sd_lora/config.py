@@ -123,6 +123,7 @@ class DatasetConfig:
     random_flip: bool = False  # random horizontal flip with p=0.5
     max_train_samples: Optional[int] = None  # keep only the first N samples (after a seeded shuffle)
     num_workers: int = 0  # DataLoader worker processes
+    drop_last: bool = False  # drop each epoch's last, smaller batch (keeps shapes static under torch.compile)
     cache: bool = False  # encode every image (and its mirror image) and caption once; the VAE and text encoder then leave the accelerator
     cache_dir: Optional[str] = None  # where caches are kept; null = $SD_LORA_CACHE/embeddings
 

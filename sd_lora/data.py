@@ -157,7 +157,7 @@ def collate(examples: list[dict]) -> dict:
 
 
 def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, seed: int,
-                     pin_memory: bool = False, collate_fn=collate) -> torch.utils.data.DataLoader:
+                     pin_memory: bool = False, collate_fn=collate, drop_last: bool = False) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
@@ -168,4 +168,5 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_wor
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        drop_last=drop_last,
     )

@@ -237,7 +237,11 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
 
     dataset, collate_fn = build_dataset(cfg, accelerator, comps, model_path, table, weight_dtype)
     dataloader = build_dataloader(dataset, cfg.trainer.train_batch_size, cfg.dataset.num_workers, cfg.trainer.seed,
-                                  pin_memory=backend.name != "cpu", collate_fn=collate_fn)
+                                  pin_memory=backend.name != "cpu", collate_fn=collate_fn,
+                                  drop_last=cfg.dataset.drop_last)
+    if len(dataloader) == 0:
+        raise UserError(f"dataset.drop_last=true leaves no batch: {len(dataset)} samples < trainer.train_batch_size="
+                        f"{cfg.trainer.train_batch_size}; lower the batch size or set dataset.drop_last=false")
     fused = backend.capabilities().fused_optimizer if cfg.optimizer.fused is None else cfg.optimizer.fused
     optimizer, lr_scheduler, max_train_steps, num_epochs = build_optimization(cfg, lora_params, len(dataloader),
                                                                                accelerator.num_processes, fused)
