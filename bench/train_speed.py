@@ -227,6 +227,7 @@ def main() -> None:
 
 def print_table(facts: dict, results: dict, batch: int) -> None:
     ref = results.get("reference", {}).get("seconds_per_step")
+    ref_mean = results.get("reference", {}).get("mean_seconds_per_step")
     rows = []
     for name, r in results.items():
         if "error" in r or not r.get("seconds_per_step"):
@@ -236,14 +237,14 @@ def print_table(facts: dict, results: dict, batch: int) -> None:
         ips = batch / s
         peak = r.get("peak_memory_bytes")
         mfu = facts["unet_flops"] / s / (facts["matmul_tflops"] * 1e12) if facts.get("matmul_tflops") else None
-        ratio = f"{ref / s:.2f}x" if ref else "-"
+        ratio = f"{ref / s:.2f}x / {ref_mean / s:.2f}x" if ref else "-"
         peak_text = f"{peak / 2**30:.2f} GiB" if peak else "-"
         rows.append(f"| {name} | {s:.4f} | {ips:.1f} | {peak_text} | "
                     + (f"{mfu:.1%}" if mfu else "-") + f" | {ratio} | {r.get('first_step_s') or 0:.1f} |")
     print(f"\n{facts.get('card', facts['device'])}, torch {facts['torch']}, diffusers {facts['diffusers']}, "
           f"{facts['resolution']} px, batch {batch}, U-Net fwd+bwd {facts['unet_flops'] / 1e12:.2f} TFLOP/step, "
           f"fp16 matmul {facts.get('matmul_tflops') or 0:.0f} TFLOP/s")
-    print("| variant | s/step | images/s | peak memory | MFU | vs reference | first step s |")
+    print("| variant | s/step | images/s | peak memory | MFU | vs reference (median / mean) | first step s |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
