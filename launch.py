@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sd_lora import config as _config  # registers the schemas and resolvers  # noqa: F401
+from sd_lora.distributed import run, strip_local_rank_argument
 from sd_lora.errors import UserError, user_message
 
 log = logging.getLogger("sd_lora")
@@ -20,11 +21,9 @@ log = logging.getLogger("sd_lora")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from sd_lora.train import train
-
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        report = train(_config.to_config(cfg), run_dir)
+        report = run(_config.to_config(cfg), run_dir)
     except UserError as exc:
         log.error("%s", user_message(exc))
         sys.exit(2)
@@ -35,4 +34,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = strip_local_rank_argument(sys.argv)
     main()

@@ -125,8 +125,10 @@ class CachedEmbeddings(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         view = 1 if self.random_flip and float(torch.rand(1)) < 0.5 else 0
         return {"latent_mean": self.mean[index, view], "latent_std": self.std[index, view],
-                "encoder_hidden_states": self.text[index]}
+                "encoder_hidden_states": self.text[index], "index": index}
 
 
 def collate_cached(examples: list[dict]) -> dict:
-    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key != "index"}
+    batch["index"] = [e["index"] for e in examples]  # a list, so accelerate leaves it on the host
+    return batch

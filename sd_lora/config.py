@@ -183,11 +183,18 @@ class PrecisionConfig:
 @dataclass
 class DeviceConfig:
     type: DeviceType = DeviceType.auto  # auto = cuda if present, else gcu if torch_gcu 2.x reports a device, else cpu
-    num_processes: int = 1  # worker processes (one per accelerator) on this machine
+    num_processes: int = 1  # worker processes (one per accelerator) on all machines together, as accelerate counts them
+    num_machines: int = 1  # machines taking part; each starts num_processes / num_machines workers
+    machine_rank: int = 0  # this machine's rank, 0 .. num_machines-1 (torchrun's --node_rank)
+    main_process_ip: Optional[str] = None  # address of machine 0 (torchrun's --master_addr); needed when num_machines > 1
+    main_process_port: Optional[int] = None  # rendezvous port on machine 0; null = 29500 on several machines, any free port on one
     transfer_to_gcu: bool = True  # gcu only: turn on torch_gcu.transfer_to_gcu so accelerate's CUDA path drives the GCU
 
     def __post_init__(self):
         _check(self.num_processes >= 1, "device.num_processes", self.num_processes, "use 1 or more")
+        _check(self.num_machines >= 1, "device.num_machines", self.num_machines, "use 1 or more")
+        _check(0 <= self.machine_rank < self.num_machines, "device.machine_rank", self.machine_rank,
+               f"use 0 .. device.num_machines-1 ({self.num_machines - 1})")
 
 
 @dataclass

@@ -146,13 +146,14 @@ class CaptionedImages(torch.utils.data.Dataset):
         image = decode_image(cell, _image_where(cell, index))
         caption = pick_caption(row[self.cfg.caption_column], index, self.cfg.caption_column)
         pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip)
-        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0], "index": index}
 
 
 def collate(examples: list[dict]) -> dict:
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "index": [e["index"] for e in examples],  # a list, so accelerate leaves it on the host
     }
 
 

@@ -8,8 +8,10 @@ process only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import math
 import re
 import shutil
@@ -84,23 +86,41 @@ class StepModels:
         return self.vae.config.scaling_factor
 
 
-def train_step(m: StepModels, batch: dict, noise_offset: float, snr_gamma: float | None) -> torch.Tensor:
+def sample_generators(indices: list[int], seed: int, epoch: int, device) -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, epoch, sample index).
+
+    Every random draw of the step (posterior sample, noise, offset noise, timestep) comes from the
+    sample's own generator, so a sample gets the same draws whatever the batch it lands in, the
+    number of processes, or a resume in the middle of an epoch.
+    """
+    gens = []
+    for index in indices:
+        digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+        gens.append(torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1)))
+    return gens
+
+
+def _randn(gens: list[torch.Generator], shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g, device=like.device, dtype=like.dtype) for g in gens])
+
+
+def train_step(m: StepModels, batch: dict, noise_offset: float, snr_gamma: float | None,
+               gens: list[torch.Generator]) -> torch.Tensor:
     """Loss of one micro-batch (what diffusers' LoRA script computes each step)."""
-    if "latent_mean" in batch:  # cached posterior: sample it anew, as the VAE's latent_dist.sample() does
+    if "latent_mean" in batch:  # cached posterior: sampled anew each step, as the VAE's latent_dist.sample() does
         mean, std = batch["latent_mean"], batch["latent_std"]
-        latents = ((mean + std * torch.randn_like(mean)) * m.scaling_factor).to(m.weight_dtype)
         encoder_hidden_states = batch["encoder_hidden_states"].to(m.weight_dtype)
     else:
         with torch.no_grad():
-            pixel_values = batch["pixel_values"].to(dtype=m.weight_dtype)
-            latents = m.vae.encode(pixel_values).latent_dist.sample() * m.scaling_factor
+            posterior = m.vae.encode(batch["pixel_values"].to(dtype=m.weight_dtype)).latent_dist
+            mean, std = posterior.mean, posterior.std
             encoder_hidden_states = m.text_encoder(batch["input_ids"], return_dict=False)[0]
-    noise = torch.randn_like(latents)
+    latents = ((mean + std * _randn(gens, mean.shape[1:], mean)) * m.scaling_factor).to(m.weight_dtype)
+    noise = _randn(gens, latents.shape[1:], latents)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device,
-                                                   dtype=latents.dtype)
-    timesteps = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              device=latents.device).long()
+        noise = noise + noise_offset * _randn(gens, (latents.shape[1], 1, 1), latents)
+    timesteps = torch.cat([torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (1,), generator=g,
+                                         device=latents.device) for g in gens])
     noisy_latents = m.noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(m.noise_scheduler, latents, noise, timesteps)
     model_pred = m.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
@@ -173,18 +193,16 @@ class RunState:
 
 def checks_before_work(cfg: Config) -> tuple[Backend, Path, object]:
     """Everything a user can get wrong, checked before any weights are loaded."""
-    import os
-
     backend = build_backend(cfg.device.type.value, transfer_to_gcu=cfg.device.transfer_to_gcu)
     backend.check(cfg.precision.mixed_precision.value)
     if cfg.trainer.compile and not backend.capabilities().compile:
         raise UserError(f"trainer.compile=true is not supported on device={backend.name}; set trainer.compile=false")
-    if cfg.device.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    per_machine = cfg.device.num_processes // cfg.device.num_machines
+    if backend.name != "cpu" and per_machine > backend.device_count():
         raise UserError(
-            f"device.num_processes={cfg.device.num_processes}: starting several worker processes from one "
-            "Hydra job is not built yet; start the workers with "
-            f"`accelerate launch --num_processes {cfg.device.num_processes} launch.py ...`, "
-            "or set device.num_processes=1"
+            f"device.num_processes={cfg.device.num_processes} needs {per_machine} {backend.name} device(s) on this "
+            f"machine, but {backend.device_count()} are visible ({backend.visible_devices_env}="
+            f"{os.environ.get(backend.visible_devices_env or '', 'unset')}); lower device.num_processes"
         )
     model_path = resolve_model_path(cfg.model)
     table = load_table(cfg.dataset, seed=cfg.trainer.seed)
@@ -339,7 +357,8 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
             loader = accelerator.skip_first_batches(dataloader, state.resume_batches)
         for batch in loader:
             with accelerator.accumulate(models.unet):
-                loss = train_step(models, batch, t.noise_offset, t.snr_gamma)
+                gens = sample_generators(batch["index"], t.seed, epoch, accelerator.device)
+                loss = train_step(models, batch, t.noise_offset, t.snr_gamma, gens)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     clip_gradients(accelerator, lora_params, cfg.optimizer.max_grad_norm)
@@ -476,7 +495,8 @@ def save_checkpoint(accelerator, cfg: Config, run_dir: Path, step: int) -> Path 
     if accelerator.is_main_process and cfg.trainer.checkpoints_total_limit is not None:
         for old in list_checkpoints(run_dir)[: -cfg.trainer.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
-    log.info("checkpoint saved: %s", target)
+    if accelerator.is_main_process:
+        log.info("checkpoint saved: %s", target)
     return target
 
 
@@ -533,6 +553,12 @@ def tensorboard_hparams(cfg: Config) -> dict:
     return flat
 
 
+def _dist_backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
 def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, state: RunState, timer: Timer,
                  max_train_steps: int, lora_file: Path, wall_time: float) -> dict:
     seconds_per_step = timer.seconds_per_step()
@@ -560,6 +586,7 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "final_loss": state.last_loss,
         "wall_time_s": wall_time,
         "world_size": accelerator.num_processes,
+        "dist_backend": _dist_backend(),
         "global_batch_size": global_batch,
         "global_step": state.global_step,
         "device_name": backend.device_name(),

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # Groups selected with `group=option`; experiment/ is a global overlay and is tested on its own.
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
+GLOBAL_GROUPS = ("experiment", "perf")  # `# @package _global_` bundles, tested on their own below
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in GLOBAL_GROUPS)
 GROUP_OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
 SECTIONS = {"model", "dataset", "optimizer", "precision", "device", "trainer"}  # the fields of Config
@@ -99,6 +100,16 @@ def load_yaml(path: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # every option of every group
+
+
+@pytest.mark.parametrize("preset", sorted(f.stem for f in (CONF / "perf").glob("*.yaml")))
+def test_every_perf_preset_composes(preset, sd_lora_cache):
+    cfg = to_config(compose(f"perf={preset}"))
+    levers = (cfg.dataset.cache, cfg.trainer.compile, cfg.trainer.channels_last, cfg.trainer.gradient_checkpointing)
+    expected = {"none": (False, False, False, False), "throughput": (True, True, True, False),
+                "memory": (True, True, True, True)}[preset]
+    assert levers == expected
+    assert cfg.dataset.drop_last == cfg.trainer.compile  # a compiled U-Net needs static batch shapes
 
 
 def test_discovery_found_the_groups():
@@ -335,7 +346,7 @@ def test_cli_defaults_tree_shows_primary_choices(tmp_path):
         if isinstance(entry, DictConfig):
             (group, option), = entry.items()
             assert f"{group}: {option}" in result.stdout
-            if option is not None:
+            if option is not None and group not in GLOBAL_GROUPS:
                 assert f"{group}/base_{group}" in result.stdout  # each option extends its schema
 
 

@@ -107,7 +107,7 @@ def test_load_table_and_captioned_images(layout, tmp_path, tokenizer):
     seen = set()
     for i in range(len(items)):
         item = items[i]
-        assert set(item) == {"pixel_values", "input_ids"}
+        assert set(item) == {"pixel_values", "input_ids", "index"} and item["index"] == i
         pixels, ids = item["pixel_values"], item["input_ids"]
         assert pixels.shape == (3, 8, 8) and pixels.dtype == torch.float32
         assert ids.shape == (tokenizer.model_max_length,) and ids.dtype == torch.int64
@@ -123,6 +123,7 @@ def test_load_table_and_captioned_images(layout, tmp_path, tokenizer):
     batch = next(iter(build_dataloader(items, batch_size=3, num_workers=0, seed=0)))
     assert batch["pixel_values"].shape == (3, 3, 8, 8)
     assert batch["input_ids"].shape == (3, tokenizer.model_max_length)
+    assert len(batch["index"]) == 3 and len(set(batch["index"])) == 3  # sample indices travel with the batch
 
 
 def test_load_table_picks_split_of_saved_dataset_dict(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from sd_lora.config import Attention, LoraSettings, ModelConfig, PredictionType
 from sd_lora.model import add_lora, load_components, resolve_model_path
-from sd_lora.train import StepModels, clip_gradients, diffusion_loss, min_snr_weights, train_step, training_target
+from sd_lora.train import StepModels, clip_gradients, sample_generators, diffusion_loss, min_snr_weights, train_step, training_target
 
 
 def components(path, dtype=torch.float32, **model_kw):
@@ -109,7 +109,8 @@ def test_gradient_clipping_clips_the_lora_parameters(tiny_model_path):
                                           max_length=77, return_tensors="pt").input_ids}
     models = StepModels(comps.unet, comps.vae, comps.text_encoder, comps.noise_scheduler, torch.float32)
     torch.manual_seed(0)
-    (train_step(models, batch, 0.0, None) * 1e4).backward()  # a gradient far above the clip norm
+    gens = sample_generators([0, 1], seed=0, epoch=0, device="cpu")
+    (train_step(models, batch, 0.0, None, gens) * 1e4).backward()  # a gradient far above the clip norm
     before = [p.grad.clone() for p in params]
     norm_before = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in before]))
     assert norm_before > 10
