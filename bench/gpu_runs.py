@@ -1,0 +1,111 @@
+"""GPU runs of the real trainer (`python launch.py`) on the SD 2.1 architecture with random weights.
+
+    python bench/gpu_runs.py --work /tmp/gpu --attention      # fp16/bf16 x sdp/eager, 20 steps each
+    python bench/gpu_runs.py --work /tmp/gpu --scaling 1,2,4  # samples/s on 1, 2, 4 GPUs, one Hydra job each
+
+--attention: 768 px, batch 4, no speed levers (perf=none), 20 steps (5 untimed): both attention
+backends under both precisions must finish with a finite loss; prints s/step and peak memory.
+--scaling: 768 px, batch 4 per GPU, fp16, sdp, cached latents and text embeddings, channels_last, no
+compile; device.num_processes=N from one Hydra job. Efficiency = N-GPU samples/s / (N x 1-GPU samples/s).
+Every run's report.json goes into <out>/gpu_runs.json; logs stay in <work>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+ALL: dict[str, dict] = {}  # every run's report, rewritten to <out>/gpu_runs.json after each run
+
+
+def launch(name: str, overrides: list[str], args) -> dict:
+    run_dir = Path(args.work) / "runs" / name
+    cmd = [sys.executable, str(ROOT / "launch.py"), "device=cuda", f"model.pretrained_model_name_or_path={args.model}",
+           f"dataset.path={args.data}", "dataset.resolution=768", "dataset.center_crop=true",
+           "dataset.random_flip=true", "dataset.num_workers=4", "trainer.train_batch_size=4",
+           "trainer.validation_prompts=[]", "trainer.checkpointing_steps=null",
+           f"dataset.cache_dir={Path(args.work) / 'cache'}", f"hydra.run.dir={run_dir}", *overrides]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    (Path(args.work) / f"{name}.log").write_text(result.stdout[-20000:] + result.stderr[-20000:])
+    if result.returncode != 0:
+        print(f"{name}: failed (exit {result.returncode})\n{result.stderr[-2000:]}", flush=True)
+        return {"error": result.stderr[-300:]}
+    report = json.loads((run_dir / "report.json").read_text())
+    report["process_wall_s"] = time.perf_counter() - start
+    ALL[name] = report
+    (Path(args.out) / "gpu_runs.json").write_text(json.dumps(ALL, indent=2))
+    print(f"{name}: {report['seconds_per_step']:.4f} s/step, {report['samples_per_second']:.1f} samples/s, "
+          f"peak {report['peak_memory_gib']:.2f} GiB, loss {report['final_loss']:.4f}, "
+          f"{report['process_wall_s']:.0f} s", flush=True)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/sd_lora_gpu")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--attention", action="store_true")
+    parser.add_argument("--scaling", default="")
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    work = Path(args.work)
+    args.out = Path(args.out or work)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from sd21 import build_sd21
+
+    from sd_lora.demo import write_shapes
+
+    args.model = build_sd21(work / "sd21")
+    args.data = work / "shapes768"
+    if not (args.data / "metadata.jsonl").is_file():
+        write_shapes(args.data, size=768)
+
+    rows = []
+    if args.attention:
+        for precision in ("fp16", "bf16"):
+            for attention in ("sdp", "eager"):
+                r = launch(f"{precision}-{attention}", [f"precision={precision}", f"model.attention={attention}",
+                                                         "perf=none", "trainer.max_train_steps=20",
+                                                         "trainer.skip_steps=5"], args)
+                rows.append((f"{precision}, {attention}", r))
+        print("\n| run | s/step | samples/s | peak allocated | final loss |\n|---|---|---|---|---|")
+        for name, r in rows:
+            if "error" in r:
+                print(f"| {name} | failed | | | |")
+                continue
+            print(f"| {name} | {r['seconds_per_step']:.4f} | {r['samples_per_second']:.1f} | "
+                  f"{r['peak_memory_gib']:.2f} GiB | {r['final_loss']:.4f} (finite: {math.isfinite(r['final_loss'])}) |")
+
+    if args.scaling:
+        results = {}
+        for n in [int(x) for x in args.scaling.split(",")]:
+            results[n] = launch(f"gpus{n}", ["precision=fp16", "model.attention=sdp", "perf=none", "dataset.cache=true",
+                                             "dataset.drop_last=true", "trainer.channels_last=true",
+                                             "trainer.log_every_n_steps=10", f"device.num_processes={n}",
+                                             f"trainer.max_train_steps={args.steps}", "trainer.skip_steps=10"], args)
+        base = results.get(1, {}).get("samples_per_second")
+        print("\n| GPUs | world size | s/step | samples/s (all GPUs) | efficiency | peak allocated (rank 0) |")
+        print("|---|---|---|---|---|---|")
+        for n, r in results.items():
+            if "error" in r:
+                print(f"| {n} | failed | | | | |")
+                continue
+            eff = r["samples_per_second"] / (n * base) if base else float("nan")
+            print(f"| {n} | {r['world_size']} | {r['seconds_per_step']:.4f} | {r['samples_per_second']:.1f} | "
+                  f"{eff:.3f} | {r['peak_memory_gib']:.2f} GiB |")
+
+
+if __name__ == "__main__":
+    main()
