@@ -261,9 +261,10 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
         raise UserError(f"dataset.drop_last=true leaves no batch: {len(dataset)} samples < trainer.train_batch_size="
                         f"{cfg.trainer.train_batch_size}; lower the batch size or set dataset.drop_last=false")
     fused = backend.capabilities().fused_optimizer if cfg.optimizer.fused is None else cfg.optimizer.fused
+    dataloader = accelerator.prepare(dataloader)  # sharded first, so that steps are counted as they will run
     optimizer, lr_scheduler, max_train_steps, num_epochs = build_optimization(cfg, lora_params, len(dataloader),
                                                                                accelerator.num_processes, fused)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(comps.unet, optimizer, dataloader, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(comps.unet, optimizer, lr_scheduler)
     register_checkpoint_hooks(accelerator, unet)
 
     state = RunState()
@@ -319,13 +320,11 @@ def offload(comps, device) -> None:
     comps.text_encoder.to(device)
 
 
-def build_optimization(cfg: Config, params, batches_per_epoch: int, num_processes: int, fused: bool = False):
-    """Optimizer, lr schedule, total optimizer steps and epochs (diffusers' arithmetic)."""
+def build_optimization(cfg: Config, params, per_process_batches: int, num_processes: int, fused: bool = False):
+    """Optimizer, lr schedule, total optimizer steps and epochs, from the sharded loader's length."""
     from diffusers.optimization import get_scheduler
 
     t, o = cfg.trainer, cfg.optimizer
-    # accelerate shards the loader after this point; count per-process batches as it will
-    per_process_batches = math.ceil(batches_per_epoch / num_processes)
     steps_per_epoch = math.ceil(per_process_batches / t.gradient_accumulation_steps)
     max_train_steps = t.max_train_steps or t.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)

@@ -83,3 +83,13 @@ def test_processes_must_divide_over_machines(tmp_path):
                         "device.main_process_ip=127.0.0.1", f"hydra.run.dir={tmp_path / 'r'}")
     assert result.returncode == 2
     assert "device.num_processes=3 is not a multiple of device.num_machines=2" in result.stdout + result.stderr
+
+
+def test_step_count_is_what_the_user_asked_for_across_epochs(tmp_path, tiny_model_path):
+    """10 samples, 2 processes x batch 2, drop_last: 2 steps per epoch; 5 steps take 3 epochs."""
+    out = tmp_path / "run"
+    result = run_launch(*COMMON, "device.num_processes=2", "trainer.train_batch_size=2", "dataset.max_train_samples=10",
+                        "dataset.drop_last=true", "trainer.max_train_steps=5", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["global_step"] == 5 and report["max_train_steps"] == 5 and report["global_batch_size"] == 4
