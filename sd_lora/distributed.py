@@ -48,16 +48,23 @@ def strip_local_rank_argument(argv: list[str]) -> list[str]:
     return out
 
 
-def agree_on_run_dir(run_dir: str) -> str:
-    """Under an external launcher: every rank takes rank 0's run directory; others remove their own."""
-    import torch.distributed as dist
+def agree_on_run_dir(run_dir: str, cfg: Config) -> str:
+    """Under an external launcher: every rank takes rank 0's run directory; others remove their own.
 
-    # a short-lived gloo group from the launcher's environment (works beside any device); accelerate
-    # sets up the training process group afterwards with the device's own backend
-    dist.init_process_group("gloo", init_method="env://")
-    chosen = [run_dir if dist.get_rank() == 0 else None]
+    The process group is set up here by accelerate's PartialState with the same settings the
+    Accelerator will use, which then reuses it (a second group on the launcher's store would race).
+    """
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    from sd_lora.devices import build_backend
+
+    backend = build_backend(cfg.device.type.value, transfer_to_gcu=cfg.device.transfer_to_gcu)
+    if backend.name == "gcu" and backend.transfer_to_gcu:
+        backend.enable_transfer_to_gcu()
+    state = PartialState(**backend.accelerator_kwargs())
+    chosen = [run_dir if state.is_main_process else None]
     dist.broadcast_object_list(chosen, src=0)
-    dist.destroy_process_group()
     own = Path(run_dir)
     if chosen[0] != run_dir and own.is_dir() and {p.name for p in own.iterdir()} <= {".hydra", "launch.log"}:
         shutil.rmtree(own, ignore_errors=True)
@@ -108,7 +115,7 @@ def run(cfg: Config, run_dir: str) -> dict | None:
     from sd_lora.train import checks_before_work, train
 
     if launched_externally():  # accelerate launch / torchrun started one Hydra app per rank
-        run_dir = agree_on_run_dir(run_dir)
+        run_dir = agree_on_run_dir(run_dir, cfg)
         if int(os.environ["WORLD_SIZE"]) != cfg.device.num_processes:
             log.warning("the launcher started %s processes; device.num_processes=%d is ignored",
                         os.environ["WORLD_SIZE"], cfg.device.num_processes)
