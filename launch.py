@@ -10,10 +10,12 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sd_lora import config as _config  # registers the schemas and resolvers  # noqa: F401
 from sd_lora.distributed import run, strip_local_rank_argument
+from sd_lora.sweep import objective, record_failure
 from sd_lora.errors import UserError, user_message
 
 log = logging.getLogger("sd_lora")
@@ -21,15 +23,26 @@ log = logging.getLogger("sd_lora")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
     try:
         report = run(_config.to_config(cfg), run_dir)
-    except UserError as exc:
-        log.error("%s", user_message(exc))
-        sys.exit(2)
+    except Exception as exc:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            if isinstance(exc, UserError):
+                log.error("%s", user_message(exc))
+                sys.exit(2)
+            raise
+        # in a sweep a failed job is a failed row of the summary, not the end of the sweep
+        if isinstance(exc, UserError):
+            log.error("job failed: %s", user_message(exc))
+        else:
+            log.exception("job failed")
+        record_failure(run_dir, exc)
+        return float("nan")
     if report is not None:
         print(f"results in {run_dir}: lora/ (the LoRA), report.json, samples/, tensorboard/, checkpoints/")
-        return report["final_loss"]
+        return objective(report)
     return None
 
 

@@ -123,6 +123,9 @@ class DatasetConfig:
     random_flip: bool = False  # random horizontal flip with p=0.5
     max_train_samples: Optional[int] = None  # keep only the first N samples (after a seeded shuffle)
     num_workers: int = 0  # DataLoader worker processes
+    validation_split: float = 0.0  # fraction of the split held out for the validation loss (never trained on)
+    validation_source: Optional[str] = None  # or: a split of the same data set to validate on, e.g. test
+    max_validation_samples: Optional[int] = None  # keep only the first N held-out samples
     drop_last: bool = False  # drop each epoch's last, smaller batch (keeps shapes static under torch.compile)
     cache: bool = False  # encode every image (and its mirror image) and caption once; the VAE and text encoder then leave the accelerator
     cache_dir: Optional[str] = None  # where caches are kept; null = $SD_LORA_CACHE/embeddings
@@ -141,6 +144,10 @@ class DatasetConfig:
             "use a positive integer or null for all samples",
         )
         _check(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "use 0 or more")
+        _check(0.0 <= self.validation_split < 1.0, "dataset.validation_split", self.validation_split,
+               "use a fraction in [0, 1), e.g. 0.1")
+        _check(not (self.validation_split and self.validation_source), "dataset.validation_source",
+               self.validation_source, "give either dataset.validation_split or dataset.validation_source, not both")
 
 
 @dataclass
@@ -216,6 +223,9 @@ class TrainerConfig:
     snr_gamma: Optional[float] = None  # Min-SNR weighting gamma (5.0 is the paper's); null = plain MSE
     noise_offset: float = 0.0  # scale of per-channel offset noise; 0 = off
     log_every_n_steps: int = 1  # loss/lr/throughput to tensorboard and the progress bar every N steps
+    validation_loss_steps: Optional[int] = None  # validation loss every N optimizer steps (and at the end); needs held-out data
+    validation_loss_timesteps: int = 8  # fixed timesteps, spread over the schedule, per held-out sample
+    validation_loss_seed: int = 0  # seeds the held-out split and the fixed noise; keep it equal across a sweep
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ CUDA
     channels_last: bool = False  # U-Net weights and activations in NHWC memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the U-Net (through accelerate); its time shows in the report's first_step_s
@@ -226,7 +236,9 @@ class TrainerConfig:
                     "num_inference_steps", "log_every_n_steps"):
             value = getattr(self, key)
             _check(value >= 1, f"trainer.{key}", value, "use a positive integer")
-        for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
+        _check(self.validation_loss_timesteps >= 1, "trainer.validation_loss_timesteps",
+               self.validation_loss_timesteps, "use a positive integer such as 8")
+        for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_loss_steps"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"trainer.{key}", value, "use a positive integer or null")
         _check(self.num_validation_images >= 0, "trainer.num_validation_images", self.num_validation_images,
@@ -280,9 +292,13 @@ def _asset_resolver(name: str) -> str:
 
 
 def register_resolvers() -> None:
-    """`${sd_lora.tiny_model:}` builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled file."""
+    """`${sd_lora.tiny_model:}` builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled
+    file; `${sd_lora.job_name:}` a sweep job's varying overrides."""
     OmegaConf.register_new_resolver("sd_lora.tiny_model", _tiny_model_resolver, replace=True)
     OmegaConf.register_new_resolver("sd_lora.asset", _asset_resolver, replace=True)
+    from sd_lora.sweep import register_resolver as register_sweep_resolver
+
+    register_sweep_resolver()
 
 
 def to_config(cfg) -> Config:

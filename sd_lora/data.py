@@ -26,8 +26,35 @@ from sd_lora.hub import resolve_local
 log = logging.getLogger(__name__)
 
 
-def load_table(cfg: DatasetConfig, seed: int = 0):
-    """The training split as a `datasets.Dataset`, columns checked, images left undecoded."""
+def load_table(cfg: DatasetConfig, seed: int = 0, validation_seed: int = 0):
+    """The training rows as a `datasets.Dataset`, columns checked, images left undecoded.
+
+    With `dataset.validation_split` > 0 that fraction of the split is held out (by `validation_seed`,
+    the same in every job of a sweep) and never trained on; `load_validation_table` returns it.
+    """
+    table = _read_split(cfg, cfg.split)
+    if cfg.validation_split:
+        table = table.train_test_split(test_size=cfg.validation_split, seed=validation_seed)["train"]
+    if cfg.max_train_samples is not None:
+        table = table.shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(table))))
+    return table
+
+
+def load_validation_table(cfg: DatasetConfig, validation_seed: int = 0):
+    """The held-out rows (`dataset.validation_split` of the split, or the split `dataset.validation_source`)."""
+    if cfg.validation_source:
+        table = _read_split(cfg, cfg.validation_source)
+    elif cfg.validation_split:
+        table = _read_split(cfg, cfg.split).train_test_split(test_size=cfg.validation_split,
+                                                             seed=validation_seed)["test"]
+    else:
+        return None
+    if cfg.max_validation_samples is not None:
+        table = table.select(range(min(cfg.max_validation_samples, len(table))))
+    return table
+
+
+def _read_split(cfg: DatasetConfig, split: str):
     import datasets
 
     path = resolve_local("dataset.path", cfg.path, repo_type="dataset", source_repo=cfg.source_repo)
@@ -35,12 +62,12 @@ def load_table(cfg: DatasetConfig, seed: int = 0):
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             table = datasets.load_from_disk(str(path))
             if isinstance(table, datasets.DatasetDict):
-                table = _pick_split(table, cfg.split, path)
-            elif str(table.split or "train") != cfg.split:
-                raise UserError(f"dataset.split={cfg.split!r}: the saved data set at {path} is a single split "
+                table = _pick_split(table, split, path)
+            elif str(table.split or "train") != split:
+                raise UserError(f"dataset.split={split!r}: the saved data set at {path} is a single split "
                                 f"({table.split or 'train'}); set dataset.split={table.split or 'train'}")
         else:
-            table = _pick_split(datasets.load_dataset(str(path)), cfg.split, path)
+            table = _pick_split(datasets.load_dataset(str(path)), split, path)
     except UserError:
         raise
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
@@ -53,11 +80,9 @@ def load_table(cfg: DatasetConfig, seed: int = 0):
                 f"set {key} to one of them"
             )
     if len(table) == 0:
-        raise UserError(f"dataset.path={cfg.path!r}: split {cfg.split!r} in {path} has no rows")
+        raise UserError(f"dataset.path={cfg.path!r}: split {split!r} in {path} has no rows")
     if isinstance(table.features[cfg.image_column], datasets.Image):
         table = table.cast_column(cfg.image_column, datasets.Image(decode=False))
-    if cfg.max_train_samples is not None:
-        table = table.shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(table))))
     return table
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sd_lora.config import Config, MixedPrecision, PredictionType
-from sd_lora.data import CaptionedImages, build_dataloader, load_table
+from sd_lora.data import CaptionedImages, build_dataloader, load_table, load_validation_table
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
 from sd_lora.model import add_lora, load_components, lora_state_dict, resolve_model_path, save_lora
@@ -188,10 +188,12 @@ class RunState:
     first_epoch: int = 0
     resume_batches: int = 0  # batches of first_epoch already consumed before the resume
     last_loss: float | None = None
+    validation_loss: float | None = None
+    validation_loss_step: int | None = None
     validations: list = field(default_factory=list)
 
 
-def checks_before_work(cfg: Config) -> tuple[Backend, Path, object]:
+def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
     """Everything a user can get wrong, checked before any weights are loaded."""
     backend = build_backend(cfg.device.type.value, transfer_to_gcu=cfg.device.transfer_to_gcu)
     backend.check(cfg.precision.mixed_precision.value)
@@ -205,8 +207,12 @@ def checks_before_work(cfg: Config) -> tuple[Backend, Path, object]:
             f"{os.environ.get(backend.visible_devices_env or '', 'unset')}); lower device.num_processes"
         )
     model_path = resolve_model_path(cfg.model)
-    table = load_table(cfg.dataset, seed=cfg.trainer.seed)
-    return backend, model_path, table
+    table = load_table(cfg.dataset, seed=cfg.trainer.seed, validation_seed=cfg.trainer.validation_loss_seed)
+    val_table = load_validation_table(cfg.dataset, validation_seed=cfg.trainer.validation_loss_seed)
+    if cfg.trainer.validation_loss_steps and val_table is None:
+        raise UserError(f"trainer.validation_loss_steps={cfg.trainer.validation_loss_steps} needs held-out data: set "
+                        "dataset.validation_split (e.g. 0.1) or dataset.validation_source")
+    return backend, model_path, table, val_table
 
 
 def build_accelerator(cfg: Config, backend: Backend, run_dir: Path):
@@ -236,7 +242,7 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    backend, model_path, table = checks_before_work(cfg)
+    backend, model_path, table, val_table = checks_before_work(cfg)
     accelerator = build_accelerator(cfg, backend, run_dir)
     set_seed(cfg.trainer.seed, device_specific=False)
     backend.manual_seed_all(cfg.trainer.seed)
@@ -253,6 +259,9 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     if cfg.trainer.channels_last:
         comps.unet.to(memory_format=torch.channels_last)
 
+    evaluate = None
+    if val_table is not None and accelerator.is_main_process:  # encoded now, while the VAE is on the device
+        evaluate = build_evaluator(cfg, accelerator, comps, val_table, weight_dtype)
     dataset, collate_fn = build_dataset(cfg, accelerator, comps, model_path, table, weight_dtype)
     dataloader = build_dataloader(dataset, cfg.trainer.train_batch_size, cfg.dataset.num_workers, cfg.trainer.seed,
                                   pin_memory=backend.name != "cpu", collate_fn=collate_fn,
@@ -280,8 +289,10 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     backend.reset_peak_memory()
     timer = Timer(cfg.trainer.skip_steps)
     run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state, timer,
-             max_train_steps, num_epochs, comps, model_path, run_dir)
+             max_train_steps, num_epochs, comps, model_path, run_dir, evaluate)
     timer.stop(backend)
+    if evaluate is not None and state.validation_loss_step != state.global_step:
+        evaluate(models.unet, state)
 
     save_checkpoint(accelerator, cfg, run_dir, state.global_step)  # LoRA-only and small: lets a run be extended
     accelerator.wait_for_everyone()
@@ -295,6 +306,28 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
         log.info("done: LoRA %s, report %s", lora_file, run_dir / "report.json")
     accelerator.end_training()
     return report
+
+
+def build_evaluator(cfg: Config, accelerator, comps, val_table, weight_dtype: torch.dtype):
+    """A function (unet, state) -> validation loss, logged to tensorboard and kept in the run state."""
+    from sd_lora.evaluation import build_validation_set, validation_loss
+
+    vset = build_validation_set(val_table, cfg.dataset, comps.tokenizer, comps.vae, comps.text_encoder,
+                                comps.noise_scheduler, accelerator.device, weight_dtype,
+                                cfg.trainer.validation_loss_timesteps, cfg.trainer.validation_loss_seed)
+    log.info("validation loss on %d held-out sample(s) x %d fixed timesteps", vset.num_samples,
+             cfg.trainer.validation_loss_timesteps)
+
+    def evaluate(unet, state: RunState) -> float:
+        base = accelerator.unwrap_model(unet, keep_torch_compile=False)
+        autocast = accelerator.autocast() if weight_dtype != torch.float32 else nullcontext()
+        value = validation_loss(base, comps.noise_scheduler, vset, weight_dtype, autocast)
+        state.validation_loss, state.validation_loss_step = value, state.global_step
+        accelerator.log({"val/loss": value}, step=state.global_step)
+        log.info("validation loss at step %d: %.6f", state.global_step, value)
+        return value
+
+    return evaluate
 
 
 def build_dataset(cfg: Config, accelerator, comps, model_path: Path, table, weight_dtype: torch.dtype):
@@ -339,7 +372,8 @@ def build_optimization(cfg: Config, params, per_process_batches: int, num_proces
 
 
 def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state: RunState,
-             timer: Timer, max_train_steps: int, num_epochs: int, comps, model_path, run_dir: Path) -> None:
+             timer: Timer, max_train_steps: int, num_epochs: int, comps, model_path, run_dir: Path,
+             evaluate=None) -> None:
     from tqdm.auto import tqdm
 
     t = cfg.trainer
@@ -391,6 +425,8 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
             if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0 \
                     and state.global_step < max_train_steps:
                 save_checkpoint(accelerator, cfg, run_dir, state.global_step)
+            if evaluate is not None and t.validation_loss_steps and state.global_step % t.validation_loss_steps == 0:
+                evaluate(models.unet, state)
             if state.global_step >= max_train_steps:
                 break
         last_epoch = epoch == num_epochs - 1 or state.global_step >= max_train_steps
@@ -583,6 +619,7 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "peak_memory_gib": peak / 2**30,
         "peak_memory_kind": "process peak RSS" if backend.name == "cpu" else f"{backend.name} max_memory_allocated",
         "final_loss": state.last_loss,
+        "validation_loss": state.validation_loss,
         "wall_time_s": wall_time,
         "world_size": accelerator.num_processes,
         "dist_backend": _dist_backend(),

@@ -1,0 +1,180 @@
+"""Sweeps: readable job names and the summary that answers "which one is best?".
+
+`${sd_lora.job_name:}` names a sweep job by the overrides that vary across the sweep (from the
+command line's sweep overrides and the sweeper's `params`), so a job folder reads
+`3_model.lora.rank=8,optimizer.lr=2.4e-4` rather than carrying every fixed override too.
+
+`SweepSummary` is a Hydra callback (registered in conf/config.yaml): at the end of a multirun it reads
+every job folder's report.json (or failure.json), writes `summary.csv`, `summary.md` and
+`val_loss_vs_lr.png` (one line per LoRA rank) into the sweep folder, best first, and prints the table.
+Failed jobs are rows with their error; they do not stop the summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ("validation_loss", "final_loss", "samples_per_second", "peak_memory_gib", "run_dir", "status",
+                   "error")
+
+
+def _sweep_keys(root) -> list[str]:
+    """Keys that vary across this sweep: command-line sweep overrides plus the sweeper's params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys: list[str] = []
+    params = OmegaConf.select(root, "hydra.sweeper.params", default=None) or {}
+    keys += [str(k) for k in params]
+    argv = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    try:
+        for override in OverridesParser.create().parse_overrides(argv):
+            if override.is_sweep_override():
+                keys.append(override.get_key_element().lstrip("+~"))
+    except Exception:  # a command line Hydra parsed differently: fall back to the sweeper's params
+        pass
+    return list(dict.fromkeys(keys))
+
+
+def job_name(*, _root_) -> str:
+    """`key=value,...` of this job's overrides whose keys vary across the sweep."""
+    varying = set(_sweep_keys(_root_))
+    task = OmegaConf.select(_root_, "hydra.overrides.task", default=[]) or []
+    parts = []
+    for item in task:
+        key, _, value = str(item).partition("=")
+        if key.lstrip("+~") in varying:
+            parts.append(f"{key.lstrip('+~')}={value}".replace("/", "_"))
+    return ",".join(sorted(parts)) or "job"
+
+
+def swept_values(job_dir: Path, keys: list[str]) -> dict[str, str]:
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    values = {}
+    if overrides_file.is_file():
+        for item in OmegaConf.load(overrides_file):
+            key, _, value = str(item).partition("=")
+            key = key.lstrip("+~")
+            if key in keys:
+                values[key] = value
+    return values
+
+
+def collect(sweep_dir: Path, keys: list[str]) -> list[dict[str, Any]]:
+    """One row per job folder: its swept values and results (or its error), best validation loss first."""
+    rows = []
+    for job_dir in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
+        row: dict[str, Any] = {**{k: "" for k in keys}, **swept_values(job_dir, keys), "run_dir": str(job_dir)}
+        report, failure = job_dir / "report.json", job_dir / "failure.json"
+        if report.is_file():
+            data = json.loads(report.read_text())
+            row.update({k: data.get(k) for k in SUMMARY_COLUMNS if k in data}, status="ok", error="")
+        else:
+            error = json.loads(failure.read_text()).get("error") if failure.is_file() else "no report.json"
+            row.update(status="failed", error=error)
+        rows.append(row)
+
+    def rank(row):
+        value = row.get("validation_loss")
+        if row["status"] != "ok":
+            return (2, 0.0)
+        if value is None or not math.isfinite(value):
+            loss = row.get("final_loss")
+            return (1, loss if loss is not None else math.inf)
+        return (0, value)
+
+    return sorted(rows, key=rank)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def write_summary(sweep_dir: Path, keys: list[str]) -> list[dict[str, Any]]:
+    rows = collect(sweep_dir, keys)
+    columns = list(keys) + list(SUMMARY_COLUMNS)
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({c: _fmt(r.get(c)) for c in columns} for r in rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "/") for c in columns) + " |" for r in rows]
+    table = "\n".join(lines)
+    (sweep_dir / "summary.md").write_text(f"# Sweep summary: {sweep_dir}\n\nBest first (validation loss).\n\n{table}\n")
+    plot(rows, sweep_dir / "val_loss_vs_lr.png")
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Validation loss against learning rate, one line per LoRA rank (log-x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        lr, loss = r.get("optimizer.lr"), r.get("validation_loss")
+        if r["status"] != "ok" or lr in (None, "") or loss is None:
+            continue
+        lines.setdefault(str(r.get("model.lora.rank") or "-"), []).append((float(lr), float(loss)))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for rank, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"rank {rank}")
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer.lr")
+    ax.set_ylabel("validation loss")
+    ax.set_title("validation loss vs learning rate")
+    if lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no job with optimizer.lr and a validation loss", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: write and print the sweep summary when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        keys = _sweep_keys(config)
+        rows = write_summary(sweep_dir, keys)
+        print((sweep_dir / "summary.md").read_text().split("\n\n", 2)[-1])
+        print(f"sweep summary: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}, "
+              f"{sweep_dir / 'val_loss_vs_lr.png'} ({sum(r['status'] == 'ok' for r in rows)} ok, "
+              f"{sum(r['status'] != 'ok' for r in rows)} failed)")
+
+
+def objective(report: dict) -> float:
+    """The float a sweeper minimises: the validation loss, else the final training loss."""
+    value = report.get("validation_loss")
+    return float(report["final_loss"] if value is None else value)
+
+
+def record_failure(run_dir: str, exc: BaseException) -> None:
+    from sd_lora.errors import user_message
+
+    message = user_message(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "failure.json").write_text(json.dumps({"error": message.removeprefix("error: ")}, indent=2))
+
+
+def register_resolver() -> None:
+    OmegaConf.register_new_resolver("sd_lora.job_name", job_name, replace=True)
