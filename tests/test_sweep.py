@@ -1,0 +1,114 @@
+"""Sweeps on the tiny model: job folders, the summary callback, failed jobs, the validation loss."""
+
+import csv
+import json
+import math
+
+import pytest
+from conftest import ROOT, run_launch
+
+FAST = ["device=cpu", "trainer.max_train_steps=3", "trainer.validation_prompts=[]", "trainer.checkpointing_steps=null",
+        "dataset.validation_split=0.1", "trainer.skip_steps=1"]
+
+
+def read_summary(sweep_dir):
+    with open(sweep_dir / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, tiny_model_path):
+    sweep_dir = tmp_path_factory.mktemp("grid") / "sweep"
+    result = run_launch("-m", *FAST, "optimizer.lr=1e-4,1e-2", "model.lora.rank=2,4", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return sweep_dir, result.stdout
+
+
+def test_grid_gives_one_readable_job_folder_each(grid):
+    sweep_dir, _ = grid
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert len(jobs) == 4
+    for name in jobs:  # the overrides that vary, not the fixed ones
+        assert "optimizer.lr=" in name and "model.lora.rank=" in name and "device=" not in name
+    for job in sweep_dir.iterdir():
+        if job.is_dir():
+            assert (job / "lora" / "pytorch_lora_weights.safetensors").is_file()
+            assert (job / "report.json").is_file() and list((job / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_summary_is_sorted_best_first_and_printed(grid):
+    sweep_dir, stdout = grid
+    rows = read_summary(sweep_dir)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    losses = [float(r["validation_loss"]) for r in rows]
+    assert losses == sorted(losses) and len(set(losses)) == 4
+    assert {(r["optimizer.lr"], r["model.lora.rank"]) for r in rows} == {
+        ("0.0001", "2"), ("0.0001", "4"), ("0.01", "2"), ("0.01", "4")}
+    for r in rows:  # each row is its job's report
+        report = json.loads((sweep_dir / r["run_dir"].split("/")[-1] / "report.json").read_text())
+        assert float(r["validation_loss"]) == pytest.approx(report["validation_loss"])
+    md = (sweep_dir / "summary.md").read_text()
+    assert md.count("\n| ") >= 5 and "validation_loss" in md
+    assert "sweep summary:" in stdout and "| optimizer.lr | model.lora.rank |" in stdout
+    png = (sweep_dir / "val_loss_vs_lr.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_a_failed_job_is_a_failed_row_and_the_sweep_goes_on(tmp_path, tiny_model_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_launch("-m", *FAST, "model.lora.rank=2,0", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_summary(sweep_dir)
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert rows[1]["model.lora.rank"] == "0" and "model.lora.rank=0" in rows[1]["error"]
+
+
+def test_validation_loss_is_reproducible_and_depends_on_training(tmp_path, grid, tiny_model_path):
+    sweep_dir, _ = grid
+    by_lr = {r["optimizer.lr"]: float(r["validation_loss"]) for r in read_summary(sweep_dir)
+             if r["model.lora.rank"] == "2"}
+    assert by_lr["0.0001"] != by_lr["0.01"]
+    again = tmp_path / "again"
+    result = run_launch(*FAST, "optimizer.lr=1e-2", "model.lora.rank=2", f"hydra.run.dir={again}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((again / "report.json").read_text())["validation_loss"] == by_lr["0.01"]  # bit for bit
+    assert repr(by_lr["0.01"]) == [r["validation_loss"] for r in read_summary(sweep_dir)
+                                   if r["optimizer.lr"] == "0.01" and r["model.lora.rank"] == "2"][0]
+
+
+def test_committed_sweeps_compose():
+    from hydra import compose, initialize_config_dir
+
+    import sd_lora.config  # noqa: F401  (schemas and resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        grid_cfg = compose("config", overrides=["+sweep=lr_rank"], return_hydra_config=True)
+        assert str(grid_cfg.hydra.mode) == "RunMode.MULTIRUN"
+        assert dict(grid_cfg.hydra.sweeper.params) == {"optimizer.lr": "1e-4,2.4e-4", "model.lora.rank": "4,8,16"}
+        assert grid_cfg.dataset.validation_split > 0
+        optuna_cfg = compose("config", overrides=["+sweep=optuna_lr_rank"], return_hydra_config=True)
+        assert "optuna" in optuna_cfg.hydra.sweeper._target_.lower()
+        assert optuna_cfg.hydra.sweeper.direction == "minimize"
+
+
+def test_optuna_sweep_minimises_the_validation_loss(tmp_path, tiny_model_path):
+    sweep_dir = tmp_path / "optuna"
+    result = run_launch("+sweep=optuna_lr_rank", *FAST, "hydra.sweeper.n_trials=2", "model.lora.rank=2",
+                        f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    best = (sweep_dir / "optimization_results.yaml").read_text()
+    rows = read_summary(sweep_dir)
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert math.isclose(float(best.split("best_value:")[1].split()[0]), float(rows[0]["validation_loss"]),
+                        rel_tol=1e-6)
+
+
+def test_committed_slurm_launcher_composes():
+    from hydra import compose, initialize_config_dir
+
+    import sd_lora.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu"], return_hydra_config=True)
+    assert "submitit" in cfg.hydra.launcher._target_.lower()
+    assert cfg.hydra.launcher.gpus_per_node == 8 and cfg.hydra.launcher.tasks_per_node == 1
