@@ -108,7 +108,7 @@ def write_summary(sweep_dir: Path, keys: list[str]) -> list[dict[str, Any]]:
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({c: _fmt(r.get(c)) for c in columns} for r in rows)
+        writer.writerows({c: "" if r.get(c) is None else r.get(c) for c in columns} for r in rows)  # full precision
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "/") for c in columns) + " |" for r in rows]
     table = "\n".join(lines)

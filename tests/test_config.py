@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # Groups selected with `group=option`; experiment/ is a global overlay and is tested on its own.
-GLOBAL_GROUPS = ("experiment", "perf")  # `# @package _global_` bundles, tested on their own below
+GLOBAL_GROUPS = ("experiment", "perf", "sweep")  # `# @package _global_` bundles, tested on their own
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in GLOBAL_GROUPS)
 GROUP_OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
