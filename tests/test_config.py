@@ -37,7 +37,7 @@ CONF = ROOT / "conf"
 
 # Groups selected with `group=option`; experiment/ is a global overlay and is tested on its own.
 GLOBAL_GROUPS = ("experiment", "perf", "sweep")  # `# @package _global_` bundles, tested on their own
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in GLOBAL_GROUPS)
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in GLOBAL_GROUPS + ("hydra",))
 GROUP_OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
 SECTIONS = {"model", "dataset", "optimizer", "precision", "device", "trainer"}  # the fields of Config
