@@ -4,7 +4,9 @@ The VAE encode is a third of the reference step's FLOPs and the text encoder run
 the same captions; both are frozen, so their outputs can be computed once. The cache must not
 change what is trained: it keeps each image's posterior mean and std (the latent is sampled anew
 every step, as the reference does), and when `random_flip` is on it keeps the flipped image's
-posterior too and picks one of the two per sample and epoch.
+posterior too and picks one of the two per sample and epoch, from the sample's own seeded stream
+(see `sd_lora.data.sample_key`). With `dataset.on_bad_image=skip` rows whose image cannot be decoded
+are left out of the cache and listed in it ("skipped_rows").
 
 A cache is keyed by a hash of everything its contents depend on (model folder, revision, variant,
 VAE and text encoder configs, dtype, the data set's fingerprint, split, columns, resolution, crop,
@@ -21,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.config import DatasetConfig, ModelConfig
-from sd_lora.data import _image_where, decode_image, tokenize, train_transform
+from sd_lora.config import DatasetConfig, ModelConfig, OnFailure
+from sd_lora.data import _image_where, decode_image, sample_key, tokenize, train_transform
 from sd_lora.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ def cache_key(model_cfg: ModelConfig, model_path: Path, vae, text_encoder, token
         "vae": dict(vae.config),
         "text_encoder": text_encoder.config.to_dict(),
         "tokenizer_max_length": tokenizer.model_max_length,
+        "weights": _files_fingerprint(Path(model_path), ("vae", "text_encoder", "tokenizer")),
         "dtype": str(dtype),
         "dataset_path": str(Path(cfg.path).expanduser().resolve()) if Path(cfg.path).expanduser().exists() else cfg.path,
         "fingerprint": getattr(table, "_fingerprint", None),
@@ -52,8 +55,20 @@ def cache_key(model_cfg: ModelConfig, model_path: Path, vae, text_encoder, token
         "random_flip": cfg.random_flip,
         "max_train_samples": cfg.max_train_samples,
     }
+    if cfg.on_bad_image is OnFailure.skip:  # a cache without the bad rows must not serve a run that would stop on them
+        parts["on_bad_image"] = cfg.on_bad_image.value
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _files_fingerprint(root: Path, folders: tuple[str, ...]) -> list:
+    """Name, size and modification time of every file the cache's encoders are read from.
+
+    New weights saved into the same folder change the key without hashing gigabytes.
+    """
+    return [(str(f.relative_to(root)), st.st_size, st.st_mtime_ns)
+            for folder in folders for f in sorted((root / folder).rglob("*")) if f.is_file()
+            for st in [f.stat()]]
 
 
 @torch.no_grad()
@@ -63,13 +78,20 @@ def compute_embeddings(table, cfg: DatasetConfig, tokenizer, vae, text_encoder, 
     from tqdm.auto import tqdm
 
     views = 2 if cfg.random_flip else 1
-    means, stds, texts = [], [], []
+    means, stds, texts, skipped = [], [], [], []
     for start in tqdm(range(0, len(table), batch_size), desc="caching latents and text embeddings"):
         rows = table[start:start + batch_size]
         images, captions = [], []
         for offset, (cell, caption) in enumerate(zip(rows[cfg.image_column], rows[cfg.caption_column])):
             index = start + offset
-            image = decode_image(cell, _image_where(cell, index))
+            try:
+                image = decode_image(cell, _image_where(cell, index))
+            except UserError as exc:
+                if cfg.on_bad_image is not OnFailure.skip:
+                    raise
+                log.warning("dataset.on_bad_image=skip: %s; left out of the cache", exc)
+                skipped.append(index)
+                continue
             w, h = image.size
             if not cfg.center_crop and w != h:
                 raise UserError(
@@ -85,6 +107,8 @@ def compute_embeddings(table, cfg: DatasetConfig, tokenizer, vae, text_encoder, 
             if views == 2:
                 images.append(torch.flip(pixels, dims=[2]))
             captions.append(caption)
+        if not captions:
+            continue
         pixel_values = torch.stack(images).to(device, dtype=dtype)
         posterior = vae.encode(pixel_values).latent_dist
         shape = (len(captions), views) + tuple(posterior.mean.shape[1:])
@@ -92,7 +116,12 @@ def compute_embeddings(table, cfg: DatasetConfig, tokenizer, vae, text_encoder, 
         stds.append(posterior.std.float().reshape(shape).cpu())
         ids = tokenize(tokenizer, captions).to(device)
         texts.append(text_encoder(ids, return_dict=False)[0].float().cpu())
-    return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), "encoder_hidden_states": torch.cat(texts)}
+    if not means:
+        raise UserError(f"dataset.on_bad_image=skip: none of the {len(table)} images can be decoded; check dataset.path")
+    tensors = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), "encoder_hidden_states": torch.cat(texts)}
+    if skipped:
+        tensors["skipped_rows"] = torch.tensor(skipped, dtype=torch.int64)
+    return tensors
 
 
 def load_or_build(path: Path, build) -> dict[str, torch.Tensor]:
@@ -118,12 +147,14 @@ class CachedEmbeddings(torch.utils.data.Dataset):
         self.mean, self.std = tensors["latent_mean"], tensors["latent_std"]
         self.text = tensors["encoder_hidden_states"]
         self.random_flip = random_flip
+        self.skipped_rows = tensors["skipped_rows"].tolist() if "skipped_rows" in tensors else []
 
     def __len__(self) -> int:
         return len(self.mean)
 
-    def __getitem__(self, index: int) -> dict:
-        view = 1 if self.random_flip and float(torch.rand(1)) < 0.5 else 0
+    def __getitem__(self, key) -> dict:
+        generator, index = sample_key(key)
+        view = 1 if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5 else 0
         return {"latent_mean": self.mean[index, view], "latent_std": self.std[index, view],
                 "encoder_hidden_states": self.text[index], "index": index}
 

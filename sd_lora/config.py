@@ -64,6 +64,13 @@ class LrScheduler(Enum):
     constant_with_warmup = "constant_with_warmup"
 
 
+class OnFailure(Enum):
+    """What the run does with a bad sample (`dataset.on_bad_image`) or step (`trainer.on_nonfinite_loss`)."""
+
+    error = "error"  # stop with one message naming the row / step and the likely fix
+    skip = "skip"  # leave it out, log it and count it in report.json
+
+
 def _check(ok: bool, key: str, value, fix: str) -> None:
     if not ok:
         raise UserError(f"{key}={value!r} is invalid: {fix}")
@@ -129,6 +136,7 @@ class DatasetConfig:
     drop_last: bool = False  # drop each epoch's last, smaller batch (keeps shapes static under torch.compile)
     cache: bool = False  # encode every image (and its mirror image) and caption once; the VAE and text encoder then leave the accelerator
     cache_dir: Optional[str] = None  # where caches are kept; null = $SD_LORA_CACHE/embeddings
+    on_bad_image: OnFailure = OnFailure.error  # an image that cannot be decoded: error, or skip (the next good row takes its place)
 
     def __post_init__(self):
         _check(
@@ -230,6 +238,7 @@ class TrainerConfig:
     channels_last: bool = False  # U-Net weights and activations in NHWC memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the U-Net (through accelerate); its time shows in the report's first_step_s
     compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs
+    on_nonfinite_loss: OnFailure = OnFailure.error  # NaN/Inf loss or gradient norm: error (stop; checkpoints stay good) or skip the optimizer step (one host sync per step)
 
     def __post_init__(self):
         for key in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "validation_epochs",

@@ -6,20 +6,26 @@ decoded here (not by datasets) so that a file that cannot be decoded is named by
 The transforms are those of diffusers' LoRA script (resize the short side with bilinear
 antialiasing, centre or random crop, random horizontal flip, scale to [-1, 1]), written on PIL and
 numpy because torchvision is not a dependency. Nothing here touches the model or the optimiser.
+
+Randomness is a function of (seed, epoch, sample index) alone: `EpochShuffle` orders each epoch by
+(seed, epoch) and hands seed and epoch to the data set with every index, and the random crop, flip and
+caption choice of a sample come from a generator seeded by (seed, epoch, index). A run resumed in
+the middle of an epoch therefore sees the same samples, transformed the same way, as the run that
+was killed, whatever the number of worker processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
-import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sd_lora.config import DatasetConfig
+from sd_lora.config import DatasetConfig, OnFailure
 from sd_lora.errors import UserError
 from sd_lora.hub import resolve_local
 
@@ -37,7 +43,29 @@ def load_table(cfg: DatasetConfig, seed: int = 0, validation_seed: int = 0):
         table = table.train_test_split(test_size=cfg.validation_split, seed=validation_seed)["train"]
     if cfg.max_train_samples is not None:
         table = table.shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(table))))
+    check_captions(table, cfg)
     return table
+
+
+def check_captions(table, cfg: DatasetConfig) -> None:
+    """UserError naming the training rows whose caption is empty, before any training (one pass over the column)."""
+    def empty(value) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, str):
+            return not value.strip()
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return all(isinstance(v, str) and not v.strip() for v in value)  # also no caption at all
+        return False  # another type is named by pick_caption when the row is read
+
+    rows = [i for i, value in enumerate(table[cfg.caption_column]) if empty(value)]
+    if rows:
+        first = _image_where(table[rows[0]][cfg.image_column], rows[0])
+        listed = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        raise UserError(
+            f"dataset.caption_column={cfg.caption_column!r}: {len(rows)} of {len(table)} training rows have an empty "
+            f"caption (rows {listed}; the first is {first}); write a caption for them or remove those rows"
+        )
 
 
 def load_validation_table(cfg: DatasetConfig, validation_seed: int = 0):
@@ -138,10 +166,10 @@ def train_transform(image: Image.Image, resolution: int, center_crop: bool, rand
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0
 
 
-def pick_caption(value, index: int, column: str) -> str:
+def pick_caption(value, index: int, column: str, generator: torch.Generator | None = None) -> str:
     """A caption cell -> one string (a random one of several, as diffusers' script does)."""
     if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0:
-        value = random.choice(list(value))
+        value = list(value)[int(torch.randint(len(value), (1,), generator=generator))]
     if not isinstance(value, str):
         raise UserError(
             f"data set row {index}: caption column {column!r} holds {type(value).__name__}, not text; "
@@ -156,8 +184,34 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def sample_seed(*parts) -> int:
+    """A 63-bit seed from (seed, epoch, index[, stream]): one independent random stream per sample and use."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def sample_key(key) -> tuple[torch.Generator | None, int]:
+    """(generator, index) for a data set key: `(seed, epoch, index)` from EpochShuffle, or a plain index.
+
+    A plain index (a data set used directly, e.g. in a notebook) draws from torch's global RNG, as
+    with torch's own samplers; `(seed, epoch, index)` gets the sample's own seeded stream.
+    """
+    if isinstance(key, tuple):
+        seed, epoch, index = key
+        return torch.Generator().manual_seed(sample_seed(seed, epoch, index, "data")), index
+    return None, key
+
+
+MAX_BAD_IN_A_ROW = 32  # dataset.on_bad_image=skip gives up after this many undecodable rows in a row
+
+
 class CaptionedImages(torch.utils.data.Dataset):
-    """Rows of a datasets table -> {"pixel_values", "input_ids"} with the training transforms."""
+    """Rows of a datasets table -> {"pixel_values", "input_ids"} with the training transforms.
+
+    With `dataset.on_bad_image=skip` an undecodable image is logged and the next decodable row takes
+    its place (so batches keep their size and every process its step count); the item then lists
+    the skipped rows under "skipped_rows", for the report.
+    """
 
     def __init__(self, table, cfg: DatasetConfig, tokenizer):
         self.table, self.cfg, self.tokenizer = table, cfg, tokenizer
@@ -165,13 +219,30 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, index: int) -> dict:
-        row = self.table[index]
-        cell = row[self.cfg.image_column]
-        image = decode_image(cell, _image_where(cell, index))
-        caption = pick_caption(row[self.cfg.caption_column], index, self.cfg.caption_column)
-        pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip)
-        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0], "index": index}
+    def __getitem__(self, key) -> dict:
+        generator, index = sample_key(key)
+        skipped = []
+        while True:
+            row_index = (index + len(skipped)) % len(self.table)
+            row = self.table[row_index]
+            cell = row[self.cfg.image_column]
+            try:
+                image = decode_image(cell, _image_where(cell, row_index))
+                break
+            except UserError as exc:
+                if self.cfg.on_bad_image is not OnFailure.skip:
+                    raise
+                skipped.append(row_index)
+                if len(skipped) >= min(MAX_BAD_IN_A_ROW, len(self.table)):
+                    raise UserError(f"dataset.on_bad_image=skip: {len(skipped)} rows in a row from data set row {index} "
+                                    f"cannot be decoded (the last: {exc}); check dataset.path") from None
+                log.warning("dataset.on_bad_image=skip: %s; skipped, the next row takes its place", exc)
+        caption = pick_caption(row[self.cfg.caption_column], row_index, self.cfg.caption_column, generator)
+        pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator)
+        item = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0], "index": index}
+        if skipped:
+            item["skipped_rows"] = skipped
+        return item
 
 
 def collate(examples: list[dict]) -> dict:
@@ -179,16 +250,48 @@ def collate(examples: list[dict]) -> dict:
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "index": [e["index"] for e in examples],  # a list, so accelerate leaves it on the host
+        "skipped_rows": [row for e in examples for row in e.get("skipped_rows", ())],  # dataset.on_bad_image=skip
     }
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """Each epoch a permutation drawn from (seed, epoch) alone; yields `(seed, epoch, index)` keys.
+
+    torch's RandomSampler draws epoch e from a generator that has gone through epochs 0..e-1 (and
+    accelerate re-synchronises it from rank 0), so a resumed process would shuffle differently; here
+    the order of an epoch depends on nothing else. The seed and epoch travel with each index so that
+    the data set seeds the sample's crop / flip / caption choice from them, also in worker processes,
+    which keep their own copy of the data set.
+
+    The training loop sets `epoch` before each epoch; left alone it counts up by one per pass. It is
+    deliberately not a `set_epoch` method: accelerate calls that with its own iteration counter,
+    which starts again at 0 in a resumed process.
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, "shuffle"))
+        for index in torch.randperm(self.num_samples, generator=generator).tolist():
+            yield self.seed, epoch, index
 
 
 def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, seed: int,
                      pin_memory: bool = False, collate_fn=collate, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A loader shuffled by `EpochShuffle` (its `.sampler`); `seed` also seeds every sample's random transforms."""
+    # The loader's own generator only seeds worker processes, whose global RNGs nothing here uses;
+    # giving one keeps the loader from drawing that seed from torch's global RNG, a stream that a
+    # resumed run must find exactly where the killed run left it.
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
+        sampler=EpochShuffle(len(dataset), seed),
         generator=generator,
         collate_fn=collate_fn,
         num_workers=num_workers,

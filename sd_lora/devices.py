@@ -274,6 +274,17 @@ class GcuBackend(Backend):
         return module
 
 
+def torch_gcu_version() -> str | None:
+    """torch_gcu's version for a run's provenance, None if it is not installed. Reads package metadata
+    only: importing torch_gcu initialises the GCU runtime, which a cpu or cuda run must not do."""
+    from importlib import metadata, util
+
+    try:
+        return metadata.version("torch_gcu")
+    except metadata.PackageNotFoundError:
+        return "installed (no version metadata)" if util.find_spec("torch_gcu") is not None else None
+
+
 def gcu_present() -> bool:
     """torch_gcu 2.x importable and reporting a device (used by device=auto); never raises."""
     try:

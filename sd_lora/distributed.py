@@ -112,7 +112,7 @@ def launch_workers(cfg: Config, run_dir: str) -> dict | None:
 
 def run(cfg: Config, run_dir: str) -> dict | None:
     """Train in this process, in workers started here, or as one rank of an external launcher."""
-    from sd_lora.train import checks_before_work, train
+    from sd_lora.train import check_resume, checks_before_work, run_fingerprint, train
 
     if launched_externally():  # accelerate launch / torchrun started one Hydra app per rank
         run_dir = agree_on_run_dir(run_dir, cfg)
@@ -121,7 +121,9 @@ def run(cfg: Config, run_dir: str) -> dict | None:
                         os.environ["WORLD_SIZE"], cfg.device.num_processes)
         return train(cfg, run_dir)
     if cfg.device.num_processes > 1 or cfg.device.num_machines > 1:
-        checks_before_work(cfg)  # a user's mistake stops here, once, before any worker starts
+        # a user's mistake stops here, once, before any worker starts
+        _, model_path, table, _ = checks_before_work(cfg)
+        check_resume(cfg, Path(run_dir), run_fingerprint(cfg, model_path, table, cfg.device.num_processes))
         return launch_workers(cfg, run_dir)
     return train(cfg, run_dir)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sd_lora.config import Config, MixedPrecision, PredictionType
-from sd_lora.data import CaptionedImages, build_dataloader, load_table, load_validation_table
+from sd_lora.config import Config, MixedPrecision, OnFailure, PredictionType
+from sd_lora.data import CaptionedImages, build_dataloader, load_table, load_validation_table, sample_seed
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
 from sd_lora.model import add_lora, load_components, lora_state_dict, resolve_model_path, save_lora
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {MixedPrecision.no: torch.float32, MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.bfloat16}
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_META = "sd_lora_checkpoint.json"  # in each checkpoint: what it fits (run_fingerprint), the run's counters
 
 
 # ---------------------------------------------------------------- loss
@@ -93,11 +94,7 @@ def sample_generators(indices: list[int], seed: int, epoch: int, device) -> list
     sample's own generator, so a sample gets the same draws whatever the batch it lands in, the
     number of processes, or a resume in the middle of an epoch.
     """
-    gens = []
-    for index in indices:
-        digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
-        gens.append(torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1)))
-    return gens
+    return [torch.Generator(device=device).manual_seed(sample_seed(seed, epoch, index)) for index in indices]
 
 
 def _randn(gens: list[torch.Generator], shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -136,6 +133,86 @@ def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: floa
     if max_norm is None:
         return None
     return accelerator.clip_grad_norm_(params, max_norm)
+
+
+class NonFiniteGuard:
+    """NaN/Inf in a step's loss or LoRA gradient norm, handled as `trainer.on_nonfinite_loss` says.
+
+    error: every micro-batch ORs a flag on the device, and the first bad optimizer step is kept there
+    too, so the loop never waits for the accelerator because of this guard. `check` reads them where
+    the loop syncs anyway (a logging step) and before every checkpoint, so a checkpoint never holds
+    weights a NaN has reached, and the message names the step where it happened, not where it was seen.
+    skip: whether to apply a step must be known before optimizer.step(), so that costs one host sync
+    (and one all-gather, so that every process decides alike) per optimizer step.
+    Under fp16 the grad scaler owns non-finite gradients (it skips the step and lowers its scale, which
+    is normal), so there only the loss counts; the steps the scaler skips are counted, on the device too.
+    """
+
+    def __init__(self, cfg: Config, accelerator, run_dir: Path):
+        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
+        self.skip = cfg.trainer.on_nonfinite_loss is OnFailure.skip
+        self.bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # in the current optimizer step
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+        self.scaler_skips = torch.zeros((), dtype=torch.long, device=accelerator.device)  # since the last take
+
+    def scale_before_step(self) -> torch.Tensor | None:
+        """fp16: the grad scaler's scale before optimizer.step(), to tell afterwards whether it skipped the step."""
+        scale = getattr(self.accelerator.scaler, "_scale", None)
+        return None if scale is None else scale.clone()
+
+    def count_scaler_skip(self, scale_before: torch.Tensor | None) -> None:
+        # The scaler lowers its scale exactly when it skips a step for inf/NaN gradients. accelerate's
+        # optimizer_step_was_skipped misses the skips a fused AdamW (the default on CUDA) makes inside its
+        # kernel, and the scaler's get_scale() waits for the device; this comparison stays on the device.
+        if scale_before is not None:
+            self.scaler_skips += self.accelerator.scaler._scale < scale_before
+
+    def take_scaler_skips(self) -> int:
+        """The grad scaler's skipped steps since the last call (a host sync)."""
+        count = int(self.scaler_skips)
+        self.scaler_skips.zero_()
+        return count
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.bad |= ~torch.isfinite(loss.detach())
+
+    def skip_step(self, state: RunState, grad_norm: torch.Tensor | None) -> bool:
+        """At the end of optimizer step state.global_step + 1: whether to leave its update out."""
+        step = state.global_step + 1
+        if grad_norm is not None and self.accelerator.scaler is None:
+            self.bad |= ~torch.isfinite(grad_norm)
+        if not self.skip:
+            self.first_bad_step.masked_fill_((self.first_bad_step < 0) & self.bad, step)
+            self.bad.zero_()
+            return False
+        bad = bool(self.accelerator.gather(self.bad.reshape(1)).any())
+        self.bad.zero_()
+        if bad:
+            state.nonfinite_skipped_steps += 1
+            log.warning("step %d: NaN/Inf loss or gradient norm; its update is skipped (trainer.on_nonfinite_loss=skip)",
+                        step)
+        # with a grad scaler, optimizer.step() must run: the scaler itself leaves out a step whose gradients
+        # are not finite, and skipping the call would leave its unscale_ bookkeeping half done
+        return bad and self.accelerator.scaler is None
+
+    def check(self) -> None:
+        """Raise if an optimizer step had a NaN/Inf (error policy). A host sync, and a collective call."""
+        if self.skip:
+            return
+        steps = [s for s in self.accelerator.gather(self.first_bad_step.reshape(1)).tolist() if s >= 0]
+        if not steps:
+            return
+        lr = self.cfg.optimizer.lr
+        if self.cfg.precision.mixed_precision is MixedPrecision.fp16:
+            cause = f"fp16 overflow is the likely cause: use precision=bf16, or a lower optimizer.lr (now {lr})"
+        else:
+            cause = f"a learning rate too high for this model is the likely cause: lower optimizer.lr (now {lr})"
+        found = list_checkpoints(self.run_dir)
+        kept = (f"the last good checkpoint is {found[-1]} (trainer.resume_from_checkpoint=latest resumes from it)"
+                if found else "no checkpoint had been saved")
+        raise UserError(f"the training loss or the LoRA gradient norm became NaN/Inf at optimizer step {min(steps)}; "
+                        f"{cause}; or set trainer.on_nonfinite_loss=skip to skip such steps. The run stopped without "
+                        f"saving: {kept}")
 
 
 # ---------------------------------------------------------------- run
@@ -191,6 +268,13 @@ class RunState:
     validation_loss: float | None = None
     validation_loss_step: int | None = None
     validations: list = field(default_factory=list)
+    # kept in each checkpoint, so that a resumed run reports them for the whole run
+    nonfinite_skipped_steps: int = 0  # steps left out for a NaN/Inf loss (trainer.on_nonfinite_loss=skip)
+    grad_scaler_skipped_steps: int = 0  # fp16: steps the grad scaler skipped on an overflow (normal, not an error)
+    skipped_image_rows: set = field(default_factory=set)  # rows whose image cannot be decoded (dataset.on_bad_image=skip)
+    resumed_from: str | None = None
+    fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run fits (see run_fingerprint)
+    guard: NonFiniteGuard | None = None
 
 
 def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
@@ -244,6 +328,12 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     run_dir = Path(run_dir)
     backend, model_path, table, val_table = checks_before_work(cfg)
     accelerator = build_accelerator(cfg, backend, run_dir)
+    fingerprint = run_fingerprint(cfg, model_path, table, accelerator.num_processes)
+    resume_path = check_resume(cfg, run_dir, fingerprint)  # a checkpoint that does not fit stops here, before the weights
+    if accelerator.is_main_process:
+        from sd_lora.provenance import write_provenance
+
+        write_provenance(run_dir, config_dict(cfg), resume_path)
     set_seed(cfg.trainer.seed, device_specific=False)
     backend.manual_seed_all(cfg.trainer.seed)
     if cfg.trainer.allow_tf32:
@@ -270,6 +360,7 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
         raise UserError(f"dataset.drop_last=true leaves no batch: {len(dataset)} samples < trainer.train_batch_size="
                         f"{cfg.trainer.train_batch_size}; lower the batch size or set dataset.drop_last=false")
     fused = backend.capabilities().fused_optimizer if cfg.optimizer.fused is None else cfg.optimizer.fused
+    shuffle = dataloader.sampler  # data.EpochShuffle: the loop tells it the epoch
     dataloader = accelerator.prepare(dataloader)  # sharded first, so that steps are counted as they will run
     optimizer, lr_scheduler, max_train_steps, num_epochs = build_optimization(cfg, lora_params, len(dataloader),
                                                                                accelerator.num_processes, fused)
@@ -277,8 +368,11 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     register_checkpoint_hooks(accelerator, unet)
 
     state = RunState()
-    if cfg.trainer.resume_from_checkpoint:
-        state = resume(accelerator, cfg, run_dir, math.ceil(len(dataloader) / cfg.trainer.gradient_accumulation_steps))
+    if resume_path is not None:
+        state = resume(accelerator, cfg, resume_path,
+                       math.ceil(len(dataloader) / cfg.trainer.gradient_accumulation_steps))
+    state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir)
+    state.skipped_image_rows.update(getattr(dataset, "skipped_rows", ()))  # left out of the embedding cache
     if accelerator.is_main_process:
         accelerator.init_trackers("train", config=tensorboard_hparams(cfg))
         log.info("training %s on %s (%s, %d process(es)): %d samples, %d epochs, %d optimizer steps, run dir %s",
@@ -289,12 +383,15 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     backend.reset_peak_memory()
     timer = Timer(cfg.trainer.skip_steps)
     run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state, timer,
-             max_train_steps, num_epochs, comps, model_path, run_dir, evaluate)
+             max_train_steps, num_epochs, comps, model_path, run_dir, evaluate, shuffle)
     timer.stop(backend)
     if evaluate is not None and state.validation_loss_step != state.global_step:
         evaluate(models.unet, state)
 
-    save_checkpoint(accelerator, cfg, run_dir, state.global_step)  # LoRA-only and small: lets a run be extended
+    save_checkpoint(accelerator, cfg, run_dir, state)  # LoRA-only and small: lets a run be extended
+    if state.skipped_image_rows and accelerator.is_main_process:
+        log.warning("dataset.on_bad_image=skip: %d image(s) could not be decoded and were skipped (data set rows %s)",
+                    len(state.skipped_image_rows), sorted(state.skipped_image_rows)[:20])
     accelerator.wait_for_everyone()
     report = None
     if accelerator.is_main_process:
@@ -340,7 +437,7 @@ def build_dataset(cfg: Config, accelerator, comps, model_path: Path, table, weig
         return CaptionedImages(table, cfg.dataset, comps.tokenizer), collate
     key = cache_key(cfg.model, model_path, comps.vae, comps.text_encoder, comps.tokenizer, table, cfg.dataset,
                     weight_dtype)
-    path = Path(cfg.dataset.cache_dir or cache_dir() / "embeddings") / f"{key}.safetensors"
+    path = Path(cfg.dataset.cache_dir or cache_dir() / "embeddings").expanduser() / f"{key}.safetensors"
     with accelerator.main_process_first():  # the main process builds, the others then read its file
         tensors = load_or_build(path, lambda: compute_embeddings(table, cfg.dataset, comps.tokenizer, comps.vae,
                                                                  comps.text_encoder, accelerator.device, weight_dtype))
@@ -373,7 +470,7 @@ def build_optimization(cfg: Config, params, per_process_batches: int, num_proces
 
 def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state: RunState,
              timer: Timer, max_train_steps: int, num_epochs: int, comps, model_path, run_dir: Path,
-             evaluate=None) -> None:
+             evaluate=None, shuffle=None) -> None:
     from tqdm.auto import tqdm
 
     t = cfg.trainer
@@ -381,10 +478,12 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
     progress = tqdm(total=max_train_steps, initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count = 0
+    loss_count = torch.zeros((), device=accelerator.device)  # the finite losses in loss_sum
     last_log = (time.perf_counter(), state.global_step)
     for epoch in range(state.first_epoch, num_epochs):
         models.unet.train()
+        if shuffle is not None:  # this epoch's order, also in a process resumed inside it (see data.EpochShuffle)
+            shuffle.epoch = epoch
         loader = dataloader
         if epoch == state.first_epoch and state.resume_batches:
             loader = accelerator.skip_first_batches(dataloader, state.resume_batches)
@@ -393,38 +492,43 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
                 gens = sample_generators(batch["index"], t.seed, epoch, accelerator.device)
                 loss = train_step(models, batch, t.noise_offset, t.snr_gamma, gens)
                 accelerator.backward(loss)
+                state.guard.add_loss(loss)
+                withhold = False
                 if accelerator.sync_gradients:
-                    clip_gradients(accelerator, lora_params, cfg.optimizer.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                    grad_norm = clip_gradients(accelerator, lora_params, cfg.optimizer.max_grad_norm)
+                    withhold = state.guard.skip_step(state, grad_norm)
+                if not withhold:
+                    scale = state.guard.scale_before_step() if accelerator.sync_gradients else None
+                    optimizer.step()
+                    state.guard.count_scaler_skip(scale)
+                lr_scheduler.step()  # also after a withheld step: the schedule follows the step count
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            loss_count += 1
+            state.skipped_image_rows.update(batch.get("skipped_rows", ()))
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
+            loss_count += finite
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
             progress.update(1)
             timer.step(backend)
             if state.global_step % t.log_every_n_steps == 0 or state.global_step == max_train_steps:
-                mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
+                state.guard.check()  # this reads the device anyway: stop here, naming the step, on a NaN/Inf
+                total, count = accelerator.reduce(torch.stack([loss_sum, loss_count]), reduction="sum").tolist()
                 loss_sum.zero_()
-                loss_count = 0
+                loss_count.zero_()
                 now = time.perf_counter()
                 samples_per_s = (state.global_step - last_log[1]) * total_batch / max(now - last_log[0], 1e-9)
                 last_log = (now, state.global_step)
-                state.last_loss = mean_loss
-                if not math.isfinite(mean_loss):
-                    raise UserError(
-                        f"the training loss became {mean_loss} at step {state.global_step}; fp16 overflow is the "
-                        "usual cause: try precision=bf16 or a lower optimizer.lr"
-                    )
                 lr = lr_scheduler.get_last_lr()[0]
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": samples_per_s},
-                                step=state.global_step)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                scalars = {"train/lr": lr, "train/samples_per_s": samples_per_s}
+                if count:  # else every step since the last log was skipped for a NaN/Inf loss
+                    state.last_loss = scalars["train/loss"] = total / count
+                accelerator.log(scalars, step=state.global_step)
+                progress.set_postfix(loss=f"{state.last_loss:.4f}" if count else "nan", lr=f"{lr:.2e}")
             if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0 \
                     and state.global_step < max_train_steps:
-                save_checkpoint(accelerator, cfg, run_dir, state.global_step)
+                save_checkpoint(accelerator, cfg, run_dir, state)
             if evaluate is not None and t.validation_loss_steps and state.global_step % t.validation_loss_steps == 0:
                 evaluate(models.unet, state)
             if state.global_step >= max_train_steps:
@@ -523,38 +627,175 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
-def save_checkpoint(accelerator, cfg: Config, run_dir: Path, step: int) -> Path | None:
-    """Save a resumable checkpoint; keep at most `checkpoints_total_limit` of them."""
-    target = checkpoint_dir(run_dir) / f"checkpoint-{step}"
-    accelerator.save_state(str(target))
-    if accelerator.is_main_process and cfg.trainer.checkpoints_total_limit is not None:
-        for old in list_checkpoints(run_dir)[: -cfg.trainer.checkpoints_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway leaves no partial checkpoint-<step> behind."""
+    doomed = path.with_name(f".old-{path.name}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk: best effort, some file systems refuse it for folders."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator, cfg: Config, run_dir: Path, state: RunState) -> Path:
+    """Save a resumable checkpoint whole or not at all; then keep at most `checkpoints_total_limit`.
+
+    Everything goes into checkpoints/.tmp-checkpoint-<step>, which is renamed to checkpoint-<step>
+    once complete and flushed (a rename inside one folder is atomic): a kill at any moment leaves the
+    new checkpoint whole or absent, and `latest` (the highest checkpoint-<step>) is always whole.
+    Older checkpoints are removed only after that rename. Called by every process (collective).
+    """
+    from accelerate.utils import gather_object
+
+    state.guard.check()  # never save weights that a NaN/Inf has reached
+    root = checkpoint_dir(run_dir)
+    target, tmp = root / f"checkpoint-{state.global_step}", root / f".tmp-checkpoint-{state.global_step}"
     if accelerator.is_main_process:
+        for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".old-checkpoint-*")]:  # from a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    state.skipped_image_rows = set().union(*gather_object([sorted(state.skipped_image_rows)]))
+    state.grad_scaler_skipped_steps += state.guard.take_scaler_skips()
+    accelerator.wait_for_everyone()  # every process has written its part (random_states_<rank>.pkl)
+    if accelerator.is_main_process:
+        # Test hook: tests/test_checkpoints.py kills the run here, with the checkpoint half written.
+        if os.environ.get("SD_LORA_TEST_PAUSE_IN_CHECKPOINT") == str(state.global_step):
+            time.sleep(600)
+        meta = {"format": 1, "step": state.global_step, "fingerprint": state.fingerprint,
+                "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
+                "grad_scaler_skipped_steps": state.grad_scaler_skipped_steps,
+                "skipped_image_rows": sorted(state.skipped_image_rows)}
+        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        for file in tmp.rglob("*"):  # on disk before the rename, so that it also survives a power cut
+            if file.is_file():
+                _fsync(file)
+        if target.exists():  # saved again, by a run resumed from an earlier checkpoint: the new one wins
+            _remove(target)
+        tmp.rename(target)
+        _fsync(root)
+        if cfg.trainer.checkpoints_total_limit is not None:
+            for old in list_checkpoints(run_dir)[: -cfg.trainer.checkpoints_total_limit]:
+                _remove(old)
         log.info("checkpoint saved: %s", target)
+    accelerator.wait_for_everyone()
     return target
 
 
-def resume(accelerator, cfg: Config, run_dir: Path, steps_per_epoch: int) -> RunState:
+# Fingerprint keys a checkpoint must match to be resumed, with what the message calls them. The model is
+# identified by content (U-Net config and the start of its weights), so a moved model folder still fits.
+FINGERPRINT_KEYS = {
+    "model": "the model (U-Net config and weights)",
+    "model.lora.rank": "model.lora.rank",
+    "model.lora.alpha": "model.lora.alpha",
+    "model.lora.target_modules": "model.lora.target_modules",
+    "training_samples": "the number of training samples (dataset.path, dataset.max_train_samples, "
+                        "dataset.validation_split)",
+}
+
+
+def model_identity(model_path: Path, variant: str | None) -> str:
+    """A short hash of the U-Net: its config and the first MiB of its weights file, wherever the folder lies."""
+    unet = Path(model_path) / "unet"
+    config = json.loads((unet / "config.json").read_text())
+    digest = hashlib.sha256(json.dumps({k: v for k, v in config.items() if not k.startswith("_")},
+                                       sort_keys=True).encode())
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    for name in (f"{stem}.safetensors", f"{stem}.bin", f"{stem}.safetensors.index.json", f"{stem}.bin.index.json"):
+        if (unet / name).is_file():
+            with open(unet / name, "rb") as f:
+                digest.update(f.read(1 << 20))  # a safetensors header and the first tensors: cheap, and distinctive
+            break
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(cfg: Config, model_path: Path, table, num_processes: int) -> dict:
+    """What a checkpoint of this run fits (FINGERPRINT_KEYS), and facts that are only warned about."""
+    lora = cfg.model.lora
+    return {
+        "model": model_identity(model_path, cfg.model.variant),
+        "model.lora.rank": lora.rank,
+        "model.lora.alpha": lora.lora_alpha,
+        "model.lora.target_modules": sorted(lora.target_modules),
+        "training_samples": len(table),
+        # warned about only: a moved folder, or another batch layout (which shifts the position inside the epoch)
+        "model_path": str(Path(model_path).resolve()),
+        "global_batch_size": cfg.trainer.train_batch_size * num_processes * cfg.trainer.gradient_accumulation_steps,
+    }
+
+
+def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint `trainer.resume_from_checkpoint` names, or None to start fresh."""
     value = cfg.trainer.resume_from_checkpoint
+    if not value:
+        return None
     if value == "latest":
-        found = list_checkpoints(run_dir)
+        found = list_checkpoints(Path(run_dir))
         if not found:
             log.warning("trainer.resume_from_checkpoint=latest: no checkpoint in %s; starting fresh",
-                        checkpoint_dir(run_dir))
-            return RunState()
-        path = found[-1]
-    else:
-        path = Path(value)
-        if not path.is_dir() or not CHECKPOINT_RE.match(path.name):
-            raise UserError(f"trainer.resume_from_checkpoint={value!r}: no checkpoint folder checkpoint-<step> at "
-                            f"{path.resolve()}; give such a folder or 'latest'")
+                        checkpoint_dir(Path(run_dir)))
+            return None
+        return found[-1]
+    path = Path(value)
+    if not path.is_dir() or not CHECKPOINT_RE.match(path.name):
+        raise UserError(f"trainer.resume_from_checkpoint={value!r}: no checkpoint folder checkpoint-<step> at "
+                        f"{path.resolve()}; give such a folder or 'latest'")
+    return path
+
+
+def check_resume(cfg: Config, run_dir: Path, fingerprint: dict) -> Path | None:
+    """The checkpoint to resume from, refused (UserError naming each key) if it does not fit this run."""
+    path = find_resume_checkpoint(cfg, run_dir)
+    if path is None:
+        return None
+    meta_file = path / CHECKPOINT_META
+    if not meta_file.is_file():
+        log.warning("checkpoint %s has no %s (made by an older sd_lora): not checked against this run",
+                    path, CHECKPOINT_META)
+        return path
+    saved = json.loads(meta_file.read_text()).get("fingerprint", {})
+    differ = [key for key in FINGERPRINT_KEYS if key in saved and saved[key] != fingerprint[key]]
+    if differ:
+        def shown(fp: dict, key: str):  # the model's fingerprint is a hash: show its folder instead
+            return fp.get("model_path") if key == "model" else fp[key]
+
+        parts = [f"{FINGERPRINT_KEYS[key]}: {shown(saved, key)!r} in the checkpoint, {shown(fingerprint, key)!r} now"
+                 for key in differ]
+        raise UserError(f"trainer.resume_from_checkpoint: {path} does not fit this run; " + "; ".join(parts)
+                        + ". Resume with the settings the checkpoint was made with, or start a new run in another "
+                          "run directory (hydra.run.dir)")
+    for key, why in (("model_path", "the model folder moved; its content is the same"),
+                     ("global_batch_size", "the position inside the epoch is taken from the step count, so some "
+                                           "samples of this epoch are seen twice or not at all")):
+        if key in saved and saved[key] != fingerprint[key]:
+            log.warning("resuming %s: %s was %r and is %r now (%s)", path, key, saved[key], fingerprint[key], why)
+    return path
+
+
+def resume(accelerator, cfg: Config, path: Path, steps_per_epoch: int) -> RunState:
+    """Load a checkpoint (LoRA, optimizer, lr schedule, RNG, accumulation counter) and where the run was."""
     accelerator.load_state(str(path))
     step = int(CHECKPOINT_RE.match(path.name).group(1))
+    meta = json.loads((path / CHECKPOINT_META).read_text()) if (path / CHECKPOINT_META).is_file() else {}
     log.info("resumed from %s at step %d", path, step)
     consumed = step * cfg.trainer.gradient_accumulation_steps
     batches_per_epoch = steps_per_epoch * cfg.trainer.gradient_accumulation_steps
-    return RunState(global_step=step, first_epoch=step // steps_per_epoch, resume_batches=consumed % batches_per_epoch)
+    return RunState(global_step=step, first_epoch=step // steps_per_epoch, resume_batches=consumed % batches_per_epoch,
+                    resumed_from=str(path), nonfinite_skipped_steps=meta.get("nonfinite_skipped_steps", 0),
+                    grad_scaler_skipped_steps=meta.get("grad_scaler_skipped_steps", 0),
+                    skipped_image_rows=set(meta.get("skipped_image_rows", [])))
 
 
 # ---------------------------------------------------------------- report
@@ -636,4 +877,10 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "channels_last": cfg.trainer.channels_last,
         "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
         "seed": cfg.trainer.seed,
+        # how the run went (kept across a resume); provenance.json says how it was made
+        "resumed_from": state.resumed_from,
+        "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
+        "grad_scaler_skipped_steps": state.grad_scaler_skipped_steps,
+        "skipped_images": len(state.skipped_image_rows),
+        "skipped_image_rows": sorted(state.skipped_image_rows)[:100],
     }

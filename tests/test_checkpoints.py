@@ -1,0 +1,369 @@
+"""Checkpoints that survive a kill, exact resume, and no silent failure (issue 4).
+
+The kills are real: `python launch.py` runs in a subprocess and gets SIGKILL. "Exact" is bit-identical
+on the CPU: the LoRA, the optimizer state, the lr schedule and the RNG states at the end of a killed and
+resumed run equal those of the same run never interrupted. The run has what makes that hard: a random
+crop, a random flip, LoRA dropout (torch's global RNG), a warm-up + linear lr schedule, gradient
+accumulation and epochs of 5 micro-batches, so that most checkpoints fall inside an epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_launch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sd_lora.config import Config, DatasetConfig, ModelConfig, OnFailure, TrainerConfig
+from sd_lora.data import CaptionedImages, EpochShuffle, build_dataloader, collate, load_table
+from sd_lora.errors import UserError
+from sd_lora.train import NonFiniteGuard, RunState
+
+STEPS = 12
+RUN = [
+    "device=cpu", f"trainer.max_train_steps={STEPS}", "trainer.checkpointing_steps=2", "trainer.validation_prompts=[]",
+    "trainer.skip_steps=0", "dataset.max_train_samples=10", "trainer.train_batch_size=2",
+    "trainer.gradient_accumulation_steps=2", "dataset.center_crop=false", "dataset.random_flip=true",
+    "model.lora.dropout=0.1", "optimizer.lr=1e-2", "optimizer.lr_scheduler=linear", "optimizer.lr_warmup_steps=2",
+]
+
+
+def start(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *RUN, *extra, f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds; fail if it ended first (the kill would prove nothing)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before the moment to kill it"
+        assert time.monotonic() < deadline, "timed out waiting for the moment to kill the run"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def resume(run_dir: Path, *extra: str) -> str:
+    result = run_launch(*RUN, *extra, "trainer.resume_from_checkpoint=latest", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def assert_same_end_state(run: Path, reference: Path) -> None:
+    """LoRA, optimizer state, lr schedule, RNG states and step count equal, bit for bit."""
+    mine, theirs = load_file(run / "lora" / "pytorch_lora_weights.safetensors"), \
+        load_file(reference / "lora" / "pytorch_lora_weights.safetensors")
+    assert mine.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(mine[key], theirs[key]), key
+    a, b = run / "checkpoints" / f"checkpoint-{STEPS}", reference / "checkpoints" / f"checkpoint-{STEPS}"
+    opt_a, opt_b = (torch.load(p / "optimizer.bin", weights_only=False) for p in (a, b))
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for i, slots in opt_b["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(opt_a["state"][i][name], value), (i, name)
+    assert torch.load(a / "scheduler.bin", weights_only=False) == torch.load(b / "scheduler.bin", weights_only=False)
+    rng_a, rng_b = (torch.load(p / "random_states_0.pkl", weights_only=False) for p in (a, b))
+    assert torch.equal(rng_a["torch_manual_seed"], rng_b["torch_manual_seed"])  # dropout drew as much
+    assert rng_a["random_state"] == rng_b["random_state"] and rng_a["step"] == rng_b["step"]
+    assert json.loads((run / "report.json").read_text())["global_step"] == STEPS
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_path) -> Path:
+    """The run never interrupted."""
+    out = tmp_path_factory.mktemp("ckpt") / "reference"
+    result = run_launch(*RUN, f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 1. kill -9 at an arbitrary moment, resume: bit-identical
+
+
+def test_killed_at_an_arbitrary_moment_and_resumed_ends_bit_identical(reference, tmp_path):
+    run = tmp_path / "killed"
+    proc = start(run)
+    kill_when(proc, lambda: (run / "checkpoints" / "checkpoint-4").is_dir())  # somewhere in step 5 or later
+    assert not (run / "report.json").exists()
+    output = resume(run)
+    resumed_from = int(output.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert 4 <= resumed_from < STEPS
+    assert_same_end_state(run, reference)
+    # the resumed start is on record, after the first one
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert provenance["resumed_from"].endswith(f"checkpoint-{resumed_from}")
+    assert [p["resumed_from"] for p in provenance["earlier"]] == [None]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. a checkpoint is whole or absent
+
+
+def test_kill_during_a_save_leaves_the_last_checkpoint_whole_and_resumable(reference, tmp_path):
+    run = tmp_path / "killed_in_save"
+    partial = run / "checkpoints" / ".tmp-checkpoint-4"
+    # sd_lora's test hook: the main process pauses in the save of checkpoint-4, after accelerate has written it
+    # and before it is complete (the fingerprint file) and renamed
+    proc = start(run, "trainer.checkpoints_total_limit=1", env={"SD_LORA_TEST_PAUSE_IN_CHECKPOINT": "4"})
+    kill_when(proc, lambda: (partial / "random_states_0.pkl").is_file())
+    # checkpoint-2 is still there although the limit is 1: old ones go only once the new one is complete
+    assert checkpoints(run) == [".tmp-checkpoint-4", "checkpoint-2"]
+    assert not (partial / "sd_lora_checkpoint.json").exists()
+    output = resume(run, "trainer.checkpoints_total_limit=1")
+    assert f"resumed from {run / 'checkpoints' / 'checkpoint-2'} at step 2" in output  # latest = the whole one
+    assert checkpoints(run) == [f"checkpoint-{STEPS}"]  # the partial one is cleaned up, the limit kept
+    assert_same_end_state(run, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. resume refuses what does not fit
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit_naming_each_key(reference, tiny_model_path, tmp_path):
+    run = tmp_path / "other"
+    shutil.copytree(reference / "checkpoints", run / "checkpoints")
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_model_path, other_model)
+    config = json.loads((other_model / "unet" / "config.json").read_text())
+    (other_model / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": 16}))
+    result = run_launch(*RUN, "model.lora.rank=8", "dataset.max_train_samples=12",
+                        f"model.pretrained_model_name_or_path={other_model}", "trainer.resume_from_checkpoint=latest",
+                        f"hydra.run.dir={run}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    assert f"{run / 'checkpoints' / f'checkpoint-{STEPS}'} does not fit this run" in output
+    assert "model.lora.rank: 4 in the checkpoint, 8 now" in output
+    assert "the number of training samples" in output and "10 in the checkpoint, 12 now" in output
+    assert "the model (U-Net config and weights)" in output and str(other_model) in output
+    assert "model.lora.target_modules" not in output  # only what differs
+    assert not (run / "lora").exists() and not (run / "provenance.json").exists()  # stopped before any work
+
+
+# --------------------------------------------------------------------------------------------
+# 4. non-finite loss
+
+
+NAN_RUN = ["trainer.max_train_steps=4", "trainer.checkpointing_steps=1", "trainer.log_every_n_steps=4",
+           "optimizer.lr=1e30", "optimizer.lr_scheduler=constant", "optimizer.lr_warmup_steps=0"]
+# step 1 throws the LoRA weights to ~1e30: from step 2 on the loss overflows
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_path, tmp_path):
+    run = tmp_path / "nan"
+    result = run_launch(*RUN, *NAN_RUN, f"hydra.run.dir={run}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    assert "became NaN/Inf at optimizer step 2;" in output and "lower optimizer.lr (now 1e+30)" in output
+    assert "trainer.on_nonfinite_loss=skip" in output
+    assert f"the last good checkpoint is {run / 'checkpoints' / 'checkpoint-1'}" in output
+    assert checkpoints(run) == ["checkpoint-1"] and not (run / "lora").exists()
+    assert all(torch.isfinite(v).all() for v in load_file(run / "checkpoints" / "checkpoint-1" / "lora.safetensors").values())
+
+
+def test_nonfinite_guard_names_the_step_it_happened_in_when_checked_later(tmp_path):
+    """Between checks the flag stays on the device; the check names the first bad step, not the current one."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+
+    def run(policy: OnFailure, losses, norms):
+        cfg = Config(model=ModelConfig(pretrained_model_name_or_path="m"), dataset=DatasetConfig(path="d"),
+                     trainer=TrainerConfig(on_nonfinite_loss=policy))
+        guard, state, withheld = NonFiniteGuard(cfg, accelerator, tmp_path), RunState(), []
+        for loss, norm in zip(losses, norms):
+            guard.add_loss(torch.tensor(loss))
+            withheld.append(guard.skip_step(state, None if norm is None else torch.tensor(norm)))
+            state.global_step += 1
+        return guard, state, withheld
+
+    nan, inf = float("nan"), float("inf")
+    guard, _, withheld = run(OnFailure.error, [1.0, 1.0, nan, 2.0, inf], [1.0, None, 1.0, 1.0, 1.0])
+    assert withheld == [False] * 5  # the error policy never waits for the device
+    with pytest.raises(UserError, match=r"at optimizer step 3;.*no checkpoint had been saved"):
+        guard.check()
+    guard, _, _ = run(OnFailure.error, [1.0, 1.0], [1.0, inf])  # a finite loss, a non-finite gradient norm
+    with pytest.raises(UserError, match=r"at optimizer step 2;"):
+        guard.check()
+    run(OnFailure.error, [1.0, 2.0], [1.0, None])[0].check()  # all finite: no error
+
+    guard, state, withheld = run(OnFailure.skip, [1.0, nan, 2.0, 1.0], [1.0, 1.0, 1.0, inf])
+    assert withheld == [False, True, False, True] and state.nonfinite_skipped_steps == 2
+    guard.check()  # skip policy: never raises
+
+
+def test_grad_scaler_skips_are_counted_also_when_a_fused_adamw_skips_in_its_kernel(tmp_path):
+    """fp16's normal skipped steps: accelerate's optimizer_step_was_skipped misses those of a fused AdamW."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # what accelerate holds under fp16 on a GPU (none on the CPU)
+    cfg = Config(model=ModelConfig(pretrained_model_name_or_path="m"), dataset=DatasetConfig(path="d"))
+    guard = NonFiniteGuard(cfg, accelerator, tmp_path)
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = accelerator.prepare(torch.optim.AdamW([param], lr=0.1, fused=True))
+    for grad in (1.0, float("inf"), 1.0, float("inf"), 1.0):
+        accelerator.backward((param * grad).sum())
+        before, scale = param.detach().clone(), guard.scale_before_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        guard.count_scaler_skip(scale)
+        assert torch.equal(param, before) == (grad == float("inf"))  # the scaler skipped exactly the inf steps
+    assert guard.take_scaler_skips() == 2 and guard.take_scaler_skips() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# 5. bad data; and 4's skip switch
+
+
+def write_images(root: Path, captions: list, broken: int | None = None) -> Path:
+    root.mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            name = f"{i:02d}.png"
+            if i == broken:
+                (root / name).write_bytes(b"not a png")
+            else:
+                Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / name)
+            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return root
+
+
+def test_skip_switches_keep_the_run_going_and_count_what_they_skipped(tiny_model_path, tmp_path):
+    data = write_images(tmp_path / "data", [f"a square number {i}" for i in range(4)], broken=2)
+    run = tmp_path / "skip"
+    result = run_launch(*RUN, *NAN_RUN, "trainer.on_nonfinite_loss=skip", "dataset.on_bad_image=skip",
+                        f"dataset.path={data}", "dataset.max_train_samples=null", "trainer.train_batch_size=4",
+                        "trainer.gradient_accumulation_steps=1", "trainer.log_every_n_steps=1",
+                        f"hydra.run.dir={run}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["global_step"] == 4 and report["nonfinite_skipped_steps"] == 3  # steps 2, 3 and 4
+    assert report["grad_scaler_skipped_steps"] == 0  # no grad scaler outside fp16
+    assert report["skipped_images"] == 1 and report["skipped_image_rows"] == [2]
+    assert str(data / "02.png") in output and "dataset.on_bad_image=skip" in output
+    assert "step 2: NaN/Inf loss" in output
+    assert all(torch.isfinite(v).all() for v in load_file(run / "lora" / "pytorch_lora_weights.safetensors").values())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tiny_model_path, subfolder="tokenizer")
+
+
+def table_of(captions, broken=(), size=(48, 32)):
+    def png(i):
+        if i in broken:
+            return {"bytes": b"not a png", "path": f"{i}.png"}
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, size[::-1] + (3,), dtype=np.uint8)).save(buffer, "PNG")
+        return {"bytes": buffer.getvalue(), "path": f"{i}.png"}
+
+    return datasets.Dataset.from_dict({"image": [png(i) for i in range(len(captions))], "text": captions})
+
+
+def test_bad_image_skip_takes_the_next_row_and_error_names_the_row(tokenizer):
+    table = table_of(["a", "b", "c"], broken={1})
+    skip = CaptionedImages(table, DatasetConfig(path="d", resolution=16, center_crop=True, on_bad_image=OnFailure.skip),
+                           tokenizer)
+    item = skip[(0, 0, 1)]
+    assert item["index"] == 1 and item["skipped_rows"] == [1]  # the slot keeps its index (its random streams)
+    assert torch.equal(item["pixel_values"], skip[(0, 0, 2)]["pixel_values"])  # row 2's image in its place
+    assert "skipped_rows" not in skip[(0, 0, 0)]
+    assert collate([skip[(0, 0, i)] for i in range(3)])["skipped_rows"] == [1]
+    with pytest.raises(UserError, match=r"data set row 1 \(file 1.png\): the image cannot be decoded"):
+        CaptionedImages(table, DatasetConfig(path="d", resolution=16), tokenizer)[(0, 0, 1)]
+    all_bad = table_of(["a", "b"], broken={0, 1})
+    with pytest.raises(UserError, match="2 rows in a row from data set row 0 cannot be decoded"):
+        CaptionedImages(all_bad, DatasetConfig(path="d", resolution=16, on_bad_image=OnFailure.skip), tokenizer)[0]
+
+
+def test_empty_captions_are_refused_at_start_naming_the_rows(tmp_path):
+    data = write_images(tmp_path / "data", ["a red square", "", "  ", "a blue square"])
+    with pytest.raises(UserError) as info:
+        load_table(DatasetConfig(path=str(data)))
+    text = str(info.value)
+    assert "2 of 4 training rows have an empty caption (rows 1, 2;" in text and str(data / "01.png") in text
+    assert "dataset.caption_column='text'" in text
+    # rows left out by max_train_samples do not count
+    assert len(load_table(DatasetConfig(path=str(write_images(tmp_path / "ok", ["a", "b"])), max_train_samples=1))) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# the data order and transforms a resume must reproduce
+
+
+def test_epoch_order_and_sample_transforms_depend_on_seed_epoch_and_index_only(tokenizer):
+    def order(seed, epoch):
+        sampler = EpochShuffle(10, seed)
+        sampler.epoch = epoch
+        return [index for _, _, index in sampler]
+
+    assert sorted(order(0, 3)) == list(range(10))
+    assert order(0, 3) == order(0, 3) and order(0, 3) != order(0, 4) and order(0, 3) != order(1, 3)
+    sampler = EpochShuffle(10, 0)
+    assert [k[2] for k in sampler] == order(0, 0) and [k[2] for k in sampler] == order(0, 1)  # counts up per pass
+
+    # random crop of a 48x32 image, random flip and one of several captions: a function of the key
+    table = table_of([["a red square", "a square", "red"]] * 6)
+    data = CaptionedImages(table, DatasetConfig(path="d", resolution=16, random_flip=True), tokenizer)
+    for epoch in range(3):
+        again = data[(0, epoch, 4)]
+        assert all(torch.equal(again[k], data[(0, epoch, 4)][k]) for k in ("pixel_values", "input_ids"))
+    views = {(data[(0, e, 4)]["pixel_values"].numpy().tobytes(), tuple(data[(0, e, 4)]["input_ids"].tolist()))
+             for e in range(12)}
+    assert len(views) > 3  # and it does vary with the epoch
+
+    # the same batches in worker processes as in the main process, for two epochs
+    def batches(workers):
+        loader = build_dataloader(data, batch_size=4, num_workers=workers, seed=5)
+        return [(b["index"], b["pixel_values"], b["input_ids"]) for _ in range(2) for b in loader]
+
+    for (i0, p0, t0), (i2, p2, t2) in zip(batches(0), batches(2), strict=True):
+        assert i0 == i2 and torch.equal(p0, p2) and torch.equal(t0, t2)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. the run directory says how it was made
+
+
+def test_provenance_records_config_overrides_versions_commit_and_seeds(reference):
+    import diffusers
+    import peft
+
+    provenance = json.loads((reference / "provenance.json").read_text())
+    assert provenance["overrides"] == RUN  # the job's overrides (Hydra keeps hydra.run.dir among its own)
+    assert provenance["config"]["trainer"]["max_train_steps"] == STEPS
+    assert provenance["config"]["model"]["lora"]["dropout"] == 0.1
+    packages = provenance["packages"]
+    assert packages["torch"] == torch.__version__ and packages["diffusers"] == diffusers.__version__
+    assert packages["peft"] == peft.__version__ and {"accelerate", "transformers", "torch_gcu"} <= set(packages)
+    assert provenance["seeds"]["trainer.seed"] == 0
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert provenance["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert provenance["resumed_from"] is None and "earlier" not in provenance
