@@ -10,6 +10,7 @@ prediction type; there is no Min-SNR weighting, so runs with different `snr_gamm
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise
 
 
 @torch.no_grad()
-def validation_loss(unet, noise_scheduler, vset: ValidationSet, dtype: torch.dtype, autocast,
+def validation_loss(unet, noise_scheduler, vset: ValidationSet, dtype: torch.dtype, autocast=contextlib.nullcontext,
                     batch_size: int = 8) -> float:
     """Mean diffusion loss over all held-out samples and fixed timesteps."""
     from sd_lora.train import training_target
@@ -72,7 +73,7 @@ def validation_loss(unet, noise_scheduler, vset: ValidationSet, dtype: torch.dty
         latents, noise, t = vset.latents[sl], vset.noise[sl], vset.timesteps[sl]
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = training_target(noise_scheduler, latents, noise, t)
-        with autocast:
+        with autocast():
             pred = unet(noisy.to(dtype), t, vset.encoder_hidden_states[sl].to(dtype), return_dict=False)[0]
         total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
         count += target.numel()

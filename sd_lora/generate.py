@@ -17,6 +17,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from sd_lora.config import Attention, DeviceType, MixedPrecision, ModelConfig
 from sd_lora.errors import UserError, user_message
@@ -115,6 +116,9 @@ def main(cfg) -> None:
         gen_cfg: GenerateConfig = OmegaConf.to_object(cfg)
         out_dir = Path(gen_cfg.out_dir or HydraConfig.get().runtime.output_dir)
         paths = generate(gen_cfg, out_dir)
+    except MissingMandatoryValue as exc:
+        log.error("error: %s has no value: give it on the command line, e.g. %s=...", exc.full_key, exc.full_key)
+        sys.exit(2)
     except UserError as exc:
         log.error("%s", user_message(exc))
         sys.exit(2)

@@ -165,7 +165,8 @@ class SweepSummary(Callback):
 def objective(report: dict) -> float:
     """The float a sweeper minimises: the validation loss, else the final training loss."""
     value = report.get("validation_loss")
-    return float(report["final_loss"] if value is None else value)
+    value = report.get("final_loss") if value is None else value
+    return float("nan") if value is None else float(value)
 
 
 def record_failure(run_dir: str, exc: BaseException) -> None:

@@ -284,6 +284,8 @@ def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
     if cfg.trainer.compile and not backend.capabilities().compile:
         raise UserError(f"trainer.compile=true is not supported on device={backend.name}; set trainer.compile=false")
     per_machine = cfg.device.num_processes // cfg.device.num_machines
+    if "LOCAL_WORLD_SIZE" in os.environ:  # under accelerate launch / torchrun the launcher's count rules
+        per_machine = int(os.environ["LOCAL_WORLD_SIZE"])
     if backend.name != "cpu" and per_machine > backend.device_count():
         raise UserError(
             f"device.num_processes={cfg.device.num_processes} needs {per_machine} {backend.name} device(s) on this "
@@ -417,7 +419,8 @@ def build_evaluator(cfg: Config, accelerator, comps, val_table, weight_dtype: to
 
     def evaluate(unet, state: RunState) -> float:
         base = accelerator.unwrap_model(unet, keep_torch_compile=False)
-        autocast = accelerator.autocast() if weight_dtype != torch.float32 else nullcontext()
+        # a factory: accelerate's autocast is a one-shot context manager, entered once per batch
+        autocast = accelerator.autocast if weight_dtype != torch.float32 else nullcontext
         value = validation_loss(base, comps.noise_scheduler, vset, weight_dtype, autocast)
         state.validation_loss, state.validation_loss_step = value, state.global_step
         accelerator.log({"val/loss": value}, step=state.global_step)
@@ -480,7 +483,12 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
     loss_sum = torch.zeros((), device=accelerator.device)
     loss_count = torch.zeros((), device=accelerator.device)  # the finite losses in loss_sum
     last_log = (time.perf_counter(), state.global_step)
-    for epoch in range(state.first_epoch, num_epochs):
+    if state.global_step >= max_train_steps:  # resumed from the final checkpoint: nothing left to train
+        log.info("the checkpoint is at step %d of %d: nothing left to train", state.global_step, max_train_steps)
+        epochs = range(0)
+    else:
+        epochs = range(state.first_epoch, num_epochs)
+    for epoch in epochs:
         models.unet.train()
         if shuffle is not None:  # this epoch's order, also in a process resumed inside it (see data.EpochShuffle)
             shuffle.epoch = epoch

@@ -136,6 +136,16 @@ def test_resume_continues_from_the_latest_checkpoint(run_dir, tmp_path):
     assert report["global_step"] == 8
 
 
+def test_resuming_a_finished_run_trains_nothing_more(run_dir, tmp_path):
+    finished = tmp_path / "finished"
+    shutil.copytree(run_dir, finished)
+    result = run_launch(*TRAIN, "trainer.resume_from_checkpoint=latest", "trainer.validation_prompts=[]",
+                        f"hydra.run.dir={finished}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "nothing left to train" in result.stdout + result.stderr
+    assert json.loads((finished / "report.json").read_text())["global_step"] == 6
+
+
 def test_hub_cache_is_used_offline(tiny_model_path, tmp_path):
     """A hub id that is in the local hub cache is found without a download (HF_HUB_OFFLINE=1)."""
     cache = tmp_path / "hub"

@@ -112,3 +112,11 @@ def test_committed_slurm_launcher_composes():
         cfg = compose("config", overrides=["hydra/launcher=slurm_gpu"], return_hydra_config=True)
     assert "submitit" in cfg.hydra.launcher._target_.lower()
     assert cfg.hydra.launcher.gpus_per_node == 8 and cfg.hydra.launcher.tasks_per_node == 1
+
+
+def test_validation_loss_under_mixed_precision_spans_several_batches(tmp_path, tiny_model_path):
+    """9 held-out samples x 8 timesteps = 9 batches under bf16 autocast (a one-shot autocast broke batch 2)."""
+    out = tmp_path / "bf16"
+    result = run_launch(*FAST, "precision=bf16", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert math.isfinite(json.loads((out / "report.json").read_text())["validation_loss"])
