@@ -187,7 +187,7 @@ class NonFiniteGuard:
             return False
         bad = bool(self.accelerator.gather(self.bad.reshape(1)).any())
         self.bad.zero_()
-        if bad:
+        if bad and self.accelerator.scaler is None:  # with a scaler the step is the scaler's skip, counted there
             state.nonfinite_skipped_steps += 1
             log.warning("step %d: NaN/Inf loss or gradient norm; its update is skipped (trainer.on_nonfinite_loss=skip)",
                         step)
