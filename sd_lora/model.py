@@ -49,7 +49,6 @@ class Components:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
-    path: Path
 
 
 def load_components(cfg: ModelConfig, path: Path, dtype: torch.dtype = torch.float32) -> Components:
@@ -72,7 +71,7 @@ def load_components(cfg: ModelConfig, path: Path, dtype: torch.dtype = torch.flo
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type.value)
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, path)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 
 def attention_processor(attention: Attention):

@@ -364,15 +364,14 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     fused = backend.capabilities().fused_optimizer if cfg.optimizer.fused is None else cfg.optimizer.fused
     shuffle = dataloader.sampler  # data.EpochShuffle: the loop tells it the epoch
     dataloader = accelerator.prepare(dataloader)  # sharded first, so that steps are counted as they will run
-    optimizer, lr_scheduler, max_train_steps, num_epochs = build_optimization(cfg, lora_params, len(dataloader),
-                                                                               accelerator.num_processes, fused)
+    optimizer, lr_scheduler, max_train_steps, num_epochs, steps_per_epoch = build_optimization(
+        cfg, lora_params, len(dataloader), accelerator.num_processes, fused)
     unet, optimizer, lr_scheduler = accelerator.prepare(comps.unet, optimizer, lr_scheduler)
     register_checkpoint_hooks(accelerator, unet)
 
     state = RunState()
     if resume_path is not None:
-        state = resume(accelerator, cfg, resume_path,
-                       math.ceil(len(dataloader) / cfg.trainer.gradient_accumulation_steps))
+        state = resume(accelerator, cfg, resume_path, steps_per_epoch)
     state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir)
     state.skipped_image_rows.update(getattr(dataset, "skipped_rows", ()))  # left out of the embedding cache
     if accelerator.is_main_process:
@@ -453,22 +452,30 @@ def offload(comps, device) -> None:
     comps.text_encoder.to(device)
 
 
+def global_batch_size(cfg: Config, num_processes: int) -> int:
+    """Samples one optimizer step consumes: batch x processes x accumulation (the README's batch rule)."""
+    return cfg.trainer.train_batch_size * num_processes * cfg.trainer.gradient_accumulation_steps
+
+
 def build_optimization(cfg: Config, params, per_process_batches: int, num_processes: int, fused: bool = False):
-    """Optimizer, lr schedule, total optimizer steps and epochs, from the sharded loader's length."""
+    """Optimizer, lr schedule, total optimizer steps, epochs and steps per epoch, from the sharded loader's length.
+
+    Resume places itself in the epoch with the same steps per epoch, so it is computed here only.
+    """
     from diffusers.optimization import get_scheduler
 
     t, o = cfg.trainer, cfg.optimizer
     steps_per_epoch = math.ceil(per_process_batches / t.gradient_accumulation_steps)
     max_train_steps = t.max_train_steps or t.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    lr = o.lr * (t.train_batch_size * t.gradient_accumulation_steps * num_processes if o.scale_lr else 1)
+    lr = o.lr * (global_batch_size(cfg, num_processes) if o.scale_lr else 1)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
                                   **({"fused": True} if fused else {}))
     # a prepared scheduler steps once per process per optimizer step, hence the factor (as in diffusers)
     lr_scheduler = get_scheduler(o.lr_scheduler.value, optimizer=optimizer,
                                  num_warmup_steps=o.lr_warmup_steps * num_processes,
                                  num_training_steps=max_train_steps * num_processes)
-    return optimizer, lr_scheduler, max_train_steps, num_epochs
+    return optimizer, lr_scheduler, max_train_steps, num_epochs, steps_per_epoch
 
 
 def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state: RunState,
@@ -477,7 +484,7 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
     from tqdm.auto import tqdm
 
     t = cfg.trainer
-    total_batch = t.train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    total_batch = global_batch_size(cfg, accelerator.num_processes)
     progress = tqdm(total=max_train_steps, initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -740,7 +747,7 @@ def run_fingerprint(cfg: Config, model_path: Path, table, num_processes: int) ->
         "training_samples": len(table),
         # warned about only: a moved folder, or another batch layout (which shifts the position inside the epoch)
         "model_path": str(Path(model_path).resolve()),
-        "global_batch_size": cfg.trainer.train_batch_size * num_processes * cfg.trainer.gradient_accumulation_steps,
+        "global_batch_size": global_batch_size(cfg, num_processes),
     }
 
 
@@ -846,7 +853,7 @@ def _dist_backend() -> str | None:
 def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, state: RunState, timer: Timer,
                  max_train_steps: int, lora_file: Path, wall_time: float) -> dict:
     seconds_per_step = timer.seconds_per_step()
-    global_batch = cfg.trainer.train_batch_size * accelerator.num_processes * cfg.trainer.gradient_accumulation_steps
+    global_batch = global_batch_size(cfg, accelerator.num_processes)
     peak = backend.max_memory_allocated()
     return {
         # the fields of the Enflame tutorial's report
