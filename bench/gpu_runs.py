@@ -6,7 +6,9 @@
 --attention: 768 px, batch 4, no speed levers (perf=none), 20 steps (5 untimed): both attention
 backends under both precisions must finish with a finite loss; prints s/step and peak memory.
 --scaling: 768 px, batch 4 per GPU, fp16, sdp, cached latents and text embeddings, channels_last, no
-compile; device.num_processes=N from one Hydra job. Efficiency = N-GPU samples/s / (N x 1-GPU samples/s).
+compile; device.num_processes=N from one Hydra job. Efficiency = N-GPU samples/s / (N x 1-GPU samples/s),
+from the mean step time and from the median of per-step times. --extra adds overrides (e.g. perf=throughput).
+--concurrent N: N unrelated 1-GPU jobs at once, one per GPU: what sharing the host costs without all-reduce.
 Every run's report.json goes into <out>/gpu_runs.json; logs stay in <work>.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -28,15 +31,23 @@ sys.path.insert(0, str(ROOT / "bench"))
 ALL: dict[str, dict] = {}  # every run's report, rewritten to <out>/gpu_runs.json after each run
 
 
-def launch(name: str, overrides: list[str], args) -> dict:
+def command(name: str, overrides: list[str], args) -> tuple[list[str], Path]:
     run_dir = Path(args.work) / "runs" / name
-    cmd = [sys.executable, str(ROOT / "launch.py"), "device=cuda", f"model.pretrained_model_name_or_path={args.model}",
+    return [sys.executable, str(ROOT / "launch.py"), "device=cuda", f"model.pretrained_model_name_or_path={args.model}",
            f"dataset.path={args.data}", "dataset.resolution=768", "dataset.center_crop=true",
            "dataset.random_flip=true", "dataset.num_workers=4", "trainer.train_batch_size=4",
            "trainer.validation_prompts=[]", "trainer.checkpointing_steps=null",
-           f"dataset.cache_dir={Path(args.work) / 'cache'}", f"hydra.run.dir={run_dir}", *overrides]
+           f"dataset.cache_dir={Path(args.work) / 'cache'}", f"hydra.run.dir={run_dir}", *overrides], run_dir
+
+
+def launch(name: str, overrides: list[str], args) -> dict:
+    cmd, run_dir = command(name, overrides, args)
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
+    return finish(name, result, run_dir, start, args)
+
+
+def finish(name: str, result, run_dir: Path, start: float, args) -> dict:
     (Path(args.work) / f"{name}.log").write_text(result.stdout[-20000:] + result.stderr[-20000:])
     if result.returncode != 0:
         print(f"{name}: failed (exit {result.returncode})\n{result.stderr[-2000:]}", flush=True)
@@ -45,7 +56,9 @@ def launch(name: str, overrides: list[str], args) -> dict:
     report["process_wall_s"] = time.perf_counter() - start
     ALL[name] = report
     (Path(args.out) / "gpu_runs.json").write_text(json.dumps(ALL, indent=2))
-    print(f"{name}: {report['seconds_per_step']:.4f} s/step, {report['samples_per_second']:.1f} samples/s, "
+    print(f"{name}: {report['seconds_per_step']:.4f} s/step (median {report['seconds_per_step_median']:.4f}, "
+          f"p90 {report['seconds_per_step_p90']:.4f}, max {report['seconds_per_step_max']:.4f}), "
+          f"{report['samples_per_second']:.1f} samples/s, "
           f"peak {report['peak_memory_gib']:.2f} GiB, loss {report['final_loss']:.4f}, "
           f"{report['process_wall_s']:.0f} s", flush=True)
     return report
@@ -58,6 +71,9 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true")
     parser.add_argument("--scaling", default="")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--concurrent", type=int, default=0,
+                        help="also run this many independent 1-GPU jobs at once, one per GPU, no DDP")
+    parser.add_argument("--extra", default="", help="more overrides for the scaling runs, comma-separated")
     args = parser.parse_args()
     work = Path(args.work)
     args.out = Path(args.out or work)
@@ -88,24 +104,38 @@ def main() -> None:
             print(f"| {name} | {r['seconds_per_step']:.4f} | {r['samples_per_second']:.1f} | "
                   f"{r['peak_memory_gib']:.2f} GiB | {r['final_loss']:.4f} (finite: {math.isfinite(r['final_loss'])}) |")
 
-    if args.scaling:
-        results = {}
-        for n in [int(x) for x in args.scaling.split(",")]:
-            results[n] = launch(f"gpus{n}", ["precision=fp16", "model.attention=sdp", "perf=none", "dataset.cache=true",
-                                             "dataset.drop_last=true", "trainer.channels_last=true",
-                                             "trainer.log_every_n_steps=10", f"device.num_processes={n}",
-                                             f"trainer.max_train_steps={args.steps}", "trainer.skip_steps=10"], args)
-        base = results.get(1, {}).get("samples_per_second")
-        print("\n| GPUs | world size | s/step | samples/s (all GPUs) | efficiency | peak allocated (rank 0) |")
-        print("|---|---|---|---|---|---|")
-        for n, r in results.items():
-            if "error" in r:
-                print(f"| {n} | failed | | | | |")
-                continue
-            eff = r["samples_per_second"] / (n * base) if base else float("nan")
-            print(f"| {n} | {r['world_size']} | {r['seconds_per_step']:.4f} | {r['samples_per_second']:.1f} | "
-                  f"{eff:.3f} | {r['peak_memory_gib']:.2f} GiB |")
-
+    scaling = ["precision=fp16", "model.attention=sdp", "perf=none", "dataset.cache=true", "dataset.drop_last=true",
+               "trainer.channels_last=true", "trainer.log_every_n_steps=10", f"trainer.max_train_steps={args.steps}",
+               "trainer.skip_steps=10", *[x for x in args.extra.split(",") if x]]
+    results = {}
+    for n in [int(x) for x in args.scaling.split(",") if x]:
+        results[n] = launch(f"gpus{n}", [*scaling, f"device.num_processes={n}"], args)
+    if args.concurrent:  # N unrelated 1-GPU jobs at once: what sharing the machine costs without any all-reduce
+        started = time.perf_counter()
+        jobs = []
+        for i in range(args.concurrent):
+            cmd, run_dir = command(f"solo{i}", [*scaling, "device.num_processes=1"], args)
+            jobs.append((f"solo{i}", run_dir, subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)})))
+        for name, run_dir, proc in jobs:
+            out, err = proc.communicate()
+            finish(name, subprocess.CompletedProcess(proc.args, proc.returncode, out, err), run_dir, started, args)
+    base = results.get(1, {}).get("samples_per_second")
+    base_median = results.get(1, {}).get("samples_per_second_median")
+    if results:
+        print("\n| GPUs | world size | s/step mean (median, p90, max) | samples/s (all GPUs, mean) | efficiency (mean) "
+              "| efficiency (median) | peak allocated (rank 0) |")
+        print("|---|---|---|---|---|---|---|")
+    for n, r in results.items():
+        if "error" in r:
+            print(f"| {n} | failed | | | | | |")
+            continue
+        eff = r["samples_per_second"] / (n * base) if base else float("nan")
+        eff_median = r["samples_per_second_median"] / (n * base_median) if base_median else float("nan")
+        print(f"| {n} | {r['world_size']} | {r['seconds_per_step']:.4f} ({r['seconds_per_step_median']:.4f}, "
+              f"{r['seconds_per_step_p90']:.4f}, {r['seconds_per_step_max']:.4f}) | {r['samples_per_second']:.1f} | "
+              f"{eff:.3f} | {eff_median:.3f} | {r['peak_memory_gib']:.2f} GiB |")
 
 if __name__ == "__main__":
     main()

@@ -12,8 +12,8 @@ data set at the training resolution, then measures in this one process tree:
               levers except the cache: the same work per step as the reference
   throughput  `perf=throughput`
   memory      `perf=memory`
-It prints a table: s/step after --skip steps (the reference: median of synchronised steps; the trainer:
-mean, since it does not synchronise every step), images/s, peak allocated memory, MFU (U-Net forward +
+It prints a table: s/step after --skip steps, median and mean (the reference: its synchronised steps;
+the trainer: report.json's median of per-step device-event times and its wall-time mean), images/s, peak allocated memory, MFU (U-Net forward +
 backward FLOPs per step, counted with torch.utils.flop_counter, over step time over the measured fp16
 matmul rate), and the ratio of images/s to the reference's. Full numbers go to <work>/results.json.
 """
@@ -37,6 +37,11 @@ VARIANTS = {
     "nocache": ["perf=throughput", "dataset.cache=false"],
     "throughput": ["perf=throughput"],
     "memory": ["perf=memory"],
+    "throughput_cudnn": ["perf=throughput", "model.sdp_kernel=cudnn"],
+    "nocache_cudnn": ["perf=throughput", "dataset.cache=false", "model.sdp_kernel=cudnn"],
+    "throughput_flash": ["perf=throughput", "model.sdp_kernel=flash"],
+    "throughput_noautotune": ["perf=throughput", "trainer.kernel_autotune=false"],
+    "throughput_cudagraphs": ["perf=throughput", "trainer.compile_mode=reduce-overhead"],
     "eager": ["perf=none"],  # the framework with no levers at all
 }
 
@@ -225,29 +230,34 @@ def main() -> None:
     print_table(facts, results, args.batch)
 
 
+def step_times(r: dict) -> tuple[float | None, float | None]:
+    """(median, mean) s/step of a reference result or a trainer report."""
+    if "seconds_per_step_median" in r:  # the trainer's report: per-step device events, and wall time / steps
+        return r["seconds_per_step_median"], r["seconds_per_step"]
+    return r.get("seconds_per_step"), r.get("mean_seconds_per_step")
+
+
 def print_table(facts: dict, results: dict, batch: int) -> None:
-    ref = results.get("reference", {}).get("seconds_per_step")
-    ref_mean = results.get("reference", {}).get("mean_seconds_per_step")
+    ref, ref_mean = step_times(results.get("reference", {}))
     rows = []
     for name, r in results.items():
-        if "error" in r or not r.get("seconds_per_step"):
-            rows.append(f"| {name} | failed | | | | | |")
+        s, mean = step_times(r)
+        if "error" in r or not s:
+            rows.append(f"| {name} | failed | | | | | | |")
             continue
-        s = r["seconds_per_step"]
-        ips = batch / s
         peak = r.get("peak_memory_bytes")
         mfu = facts["unet_flops"] / s / (facts["matmul_tflops"] * 1e12) if facts.get("matmul_tflops") else None
-        ratio = f"{ref / s:.2f}x / {ref_mean / s:.2f}x" if ref else "-"
+        ratio = f"{ref / s:.2f}x / {ref_mean / mean:.2f}x" if ref else "-"
         peak_text = f"{peak / 2**30:.2f} GiB" if peak else "-"
-        rows.append(f"| {name} | {s:.4f} | {ips:.1f} | {peak_text} | "
+        rows.append(f"| {name} | {s:.4f} / {mean:.4f} | {batch / s:.1f} / {batch / mean:.1f} | {peak_text} | "
                     + (f"{mfu:.1%}" if mfu else "-") + f" | {ratio} | {r.get('first_step_s') or 0:.1f} |")
     print(f"\n{facts.get('card', facts['device'])}, torch {facts['torch']}, diffusers {facts['diffusers']}, "
           f"{facts['resolution']} px, batch {batch}, U-Net fwd+bwd {facts['unet_flops'] / 1e12:.2f} TFLOP/step, "
           f"fp16 matmul {facts.get('matmul_tflops') or 0:.0f} TFLOP/s")
-    print("| variant | s/step | images/s | peak memory | MFU | vs reference (median / mean) | first step s |")
+    print("| variant | s/step (median / mean) | images/s (median / mean) | peak memory | MFU (median) "
+          "| vs reference (median / mean) | first step s |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-
 
 if __name__ == "__main__":
     main()

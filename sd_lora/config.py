@@ -31,6 +31,16 @@ class Attention(Enum):
     eager = "eager"  # plain matmul-softmax-matmul, materialises the attention matrix
 
 
+class SdpKernel(Enum):
+    """The fused attention kernel torch tries first for `attention: sdp` (it falls back in its own order)."""
+
+    auto = "auto"  # torch's own order: flash, memory-efficient, math, cuDNN
+    flash = "flash"
+    efficient = "efficient"
+    cudnn = "cudnn"  # cuDNN's fused attention (NVIDIA); see docs/performance.md for when it wins
+    math = "math"
+
+
 class PredictionType(Enum):
     epsilon = "epsilon"
     v_prediction = "v_prediction"
@@ -115,7 +125,13 @@ class ModelConfig:
     variant: Optional[str] = None  # weight file variant, e.g. fp16
     prediction_type: Optional[PredictionType] = None  # null = the scheduler config's
     attention: Attention = Attention.sdp  # U-Net attention backend, kept through LoRA injection
+    sdp_kernel: SdpKernel = SdpKernel.auto  # attention=sdp: the kernel tried first (torch.nn.attention.sdpa_kernel)
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self):
+        _check(self.sdp_kernel is SdpKernel.auto or self.attention is Attention.sdp, "model.sdp_kernel",
+               self.sdp_kernel.value, f"it picks a kernel of attention=sdp, but model.attention={self.attention.value}: "
+               "set model.attention=sdp or model.sdp_kernel=auto")
 
 
 @dataclass
@@ -235,6 +251,7 @@ class TrainerConfig:
     validation_loss_timesteps: int = 8  # fixed timesteps, spread over the schedule, per held-out sample
     validation_loss_seed: int = 0  # seeds the held-out split and the fixed noise; keep it equal across a sweep
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ CUDA
+    kernel_autotune: bool = False  # time the convolution algorithms on the first step and keep the fastest (CUDA: cudnn.benchmark); needs fixed shapes (dataset.drop_last)
     channels_last: bool = False  # U-Net weights and activations in NHWC memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the U-Net (through accelerate); its time shows in the report's first_step_s
     compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs

@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,31 @@ TOPSRIDER_HINT = (
     "install Enflame's TopsRider software stack (torch_gcu 2.x, which registers torch.gcu), "
     "or pick another device: device=cuda or device=cpu"
 )
+
+
+class HostMark:
+    """A point in time on a device that works in step with the host (the CPU)."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def seconds_since(self, earlier: "HostMark") -> float:
+        return self.t - earlier.t
+
+
+class EventMark:
+    """A point on the device's current stream, as a timing event: recording it does not wait for the device.
+
+    seconds_since waits until the device has passed this mark; call it where the loop syncs anyway.
+    """
+
+    def __init__(self, event_type):
+        self.event = event_type(enable_timing=True)
+        self.event.record()
+
+    def seconds_since(self, earlier: "EventMark") -> float:
+        self.event.synchronize()
+        return earlier.event.elapsed_time(self.event) / 1000.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +104,10 @@ class Backend:
     def reset_peak_memory(self) -> None:
         pass
 
+    def step_mark(self) -> HostMark | EventMark | None:
+        """A mark between two training steps, for per-step times without a host sync; None: not measurable."""
+        return HostMark()
+
     def max_memory_allocated(self) -> int:
         """Peak bytes since the last reset (cpu: the process's peak resident set size)."""
         raise NotImplementedError
@@ -87,6 +117,10 @@ class Backend:
 
     def enable_tf32(self) -> None:
         """Allow TF32 matmuls where the device has them (CUDA Ampere and later)."""
+
+    def enable_kernel_autotune(self) -> bool:
+        """Time the convolution algorithms once per shape and keep the fastest; False where the device has no such switch."""
+        return False
 
     def check(self, mixed_precision: str) -> None:
         """Raise UserError if this backend cannot run here with this precision."""
@@ -158,6 +192,9 @@ class CudaBackend(Backend):
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 
+    def step_mark(self) -> EventMark:
+        return EventMark(torch.cuda.Event)
+
     def reset_peak_memory(self) -> None:
         torch.cuda.reset_peak_memory_stats()
 
@@ -170,6 +207,10 @@ class CudaBackend(Backend):
     def enable_tf32(self) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+    def enable_kernel_autotune(self) -> bool:
+        torch.backends.cudnn.benchmark = True
+        return True
 
     def unavailable_message(self) -> str:
         return (
@@ -248,6 +289,11 @@ class GcuBackend(Backend):
 
     def synchronize(self) -> None:
         self.gcu.synchronize()
+
+    def step_mark(self) -> EventMark | None:
+        # torch.gcu.Event is not in the calls ../shared/gcu.md lists as known; per-step times only if it exists
+        event = getattr(self.gcu, "Event", None)
+        return None if event is None else EventMark(event)
 
     def reset_peak_memory(self) -> None:
         self.gcu.reset_peak_memory_stats()

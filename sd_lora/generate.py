@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from sd_lora.config import Attention, DeviceType, MixedPrecision, ModelConfig
+from sd_lora.config import Attention, DeviceType, MixedPrecision, ModelConfig, SdpKernel
 from sd_lora.errors import UserError, user_message
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
     from diffusers import StableDiffusionPipeline
 
     from sd_lora.devices import build_backend
-    from sd_lora.model import LORA_WEIGHT_NAME, attention_processor, resolve_model_path
+    from sd_lora.model import LORA_WEIGHT_NAME, attention_processor, resolve_model_path, sdp_kernel_order
     from sd_lora.train import WEIGHT_DTYPES
 
     run_dir = Path(cfg.run_dir)
@@ -88,13 +88,15 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
         path, revision=model_cfg.revision, variant=model_cfg.variant, dtype=dtype, local_files_only=True,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipeline.unet.set_attn_processor(attention_processor(cfg.attention or model_cfg.attention))
+    attention = cfg.attention or model_cfg.attention
+    pipeline.unet.set_attn_processor(attention_processor(attention))
     pipeline.load_lora_weights(str(run_dir / "lora"), weight_name=LORA_WEIGHT_NAME, adapter_name="sd_lora")
     pipeline.set_adapters(["sd_lora"], adapter_weights=[cfg.lora_scale])
     pipeline.to(backend.device(0))
     resolution = cfg.resolution or trained["dataset"]["resolution"]
     generator = torch.Generator(device=backend.device(0)).manual_seed(cfg.seed)
-    with backend.autocast(None if dtype == torch.float32 else dtype):
+    kernel = model_cfg.sdp_kernel if attention is Attention.sdp else SdpKernel.auto
+    with backend.autocast(None if dtype == torch.float32 else dtype), sdp_kernel_order(kernel):
         images = pipeline(cfg.prompt, negative_prompt=cfg.negative_prompt, num_images_per_prompt=cfg.num_images,
                           num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                           height=resolution, width=resolution, generator=generator).images

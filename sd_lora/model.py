@@ -10,6 +10,7 @@ transformers classes SD 2.1 uses. `add_lora` sets the attention processors and i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.config import Attention, LoraSettings, ModelConfig
+from sd_lora.config import Attention, LoraSettings, ModelConfig, SdpKernel
 from sd_lora.errors import UserError
 from sd_lora.hub import download_command, resolve_local
 
@@ -79,6 +80,22 @@ def attention_processor(attention: Attention):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     return AttnProcessor2_0() if attention is Attention.sdp else AttnProcessor()
+
+
+def sdp_kernel_order(kernel: SdpKernel):
+    """A context in which scaled_dot_product_attention tries `kernel` first, then torch's others; auto: torch's order.
+
+    A preference, not a demand: a kernel that cannot run a shape (or this device) falls back to the next.
+    The order is process-wide (autograd's threads see it) and is read when torch.compile traces the U-Net.
+    """
+    if kernel is SdpKernel.auto:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {SdpKernel.flash: SDPBackend.FLASH_ATTENTION, SdpKernel.efficient: SDPBackend.EFFICIENT_ATTENTION,
+             SdpKernel.cudnn: SDPBackend.CUDNN_ATTENTION, SdpKernel.math: SDPBackend.MATH}[kernel]
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([first, *(b for b in rest if b != first)], set_priority=True)
 
 
 def add_lora(unet: torch.nn.Module, attention: Attention, lora: LoraSettings) -> list[torch.nn.Parameter]:

@@ -15,6 +15,7 @@ import os
 import math
 import re
 import shutil
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from sd_lora.config import Config, MixedPrecision, OnFailure, PredictionType
 from sd_lora.data import CaptionedImages, build_dataloader, load_table, load_validation_table, sample_seed
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
-from sd_lora.model import add_lora, load_components, lora_state_dict, resolve_model_path, save_lora
+from sd_lora.model import add_lora, load_components, lora_state_dict, resolve_model_path, save_lora, sdp_kernel_order
 
 log = logging.getLogger(__name__)
 
@@ -220,34 +221,56 @@ class NonFiniteGuard:
 
 @dataclass
 class Timer:
-    """Wall time of the optimizer steps after the first `skip_steps` of this process (synchronised at both ends).
+    """Time of the optimizer steps after the first `skip_steps` of this process.
 
-    Also the time to the first optimizer step, which holds torch.compile's compilation when it is on.
+    Two measures: the mean, wall time over the timed steps with a device sync at both ends; and each step's
+    own time, from a mark the backend puts between steps (a timing event on a GPU, so no host sync per step),
+    read where the loop syncs anyway. The median of those is robust to the few slow steps (an epoch's
+    first batch, a logging step) that the mean carries. Also the time to the first optimizer step, which
+    holds torch.compile's compilation when it is on.
     """
 
     skip_steps: int
+    backend: Backend
     steps: int = 0  # optimizer steps this process has done
     start: float | None = None
     end: float | None = None
     loop_start: float = field(default_factory=time.perf_counter)
     first_step_s: float | None = None
+    marks: list = field(default_factory=list)  # step marks not yet read
+    step_seconds: list = field(default_factory=list)  # each timed step's own time
 
     def __post_init__(self):
         if self.skip_steps == 0:
             self.start = self.loop_start
+            self._mark()
 
-    def step(self, backend: Backend) -> None:
+    def _mark(self) -> None:
+        mark = self.backend.step_mark()
+        if mark is not None:
+            self.marks.append(mark)
+
+    def step(self) -> None:
         self.steps += 1
         if self.steps == 1:
-            backend.synchronize()
+            self.backend.synchronize()
             self.first_step_s = time.perf_counter() - self.loop_start
         if self.steps == self.skip_steps:
-            backend.synchronize()
+            self.backend.synchronize()
             self.start = time.perf_counter()
+        if self.steps >= self.skip_steps:
+            self._mark()
 
-    def stop(self, backend: Backend) -> None:
-        backend.synchronize()
+    def read_marks(self) -> None:
+        """Turn the marks into step times; call where the device has been synchronised anyway."""
+        if len(self.marks) > 1:
+            self.step_seconds += [b.seconds_since(a) for a, b in zip(self.marks, self.marks[1:])]
+            del self.marks[:-1]
+
+    def stop(self) -> None:
+        self.backend.synchronize()
         self.end = time.perf_counter()
+        self.read_marks()
 
     @property
     def timed_steps(self) -> int:
@@ -257,6 +280,14 @@ class Timer:
         if self.end is None or self.timed_steps == 0:
             return None
         return (self.end - self.start) / self.timed_steps
+
+    def step_stats(self) -> dict:
+        """Median, 90th percentile and max of the per-step times (None where not measured)."""
+        times = sorted(self.step_seconds)
+        if not times:
+            return {"median": None, "p90": None, "max": None}
+        return {"median": statistics.median(times), "p90": times[min(len(times) - 1, int(0.9 * len(times)))],
+                "max": times[-1]}
 
 
 @dataclass
@@ -324,6 +355,11 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path):
 
 def train(cfg: Config, run_dir: Path | str) -> dict:
     """Train a LoRA as configured; write everything into `run_dir`; return the report."""
+    with sdp_kernel_order(cfg.model.sdp_kernel):  # training, validation loss and validation images alike
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: Config, run_dir: Path | str) -> dict:
     from accelerate.utils import set_seed
 
     t0 = time.perf_counter()
@@ -340,6 +376,8 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     backend.manual_seed_all(cfg.trainer.seed)
     if cfg.trainer.allow_tf32:
         backend.enable_tf32()
+    if cfg.trainer.kernel_autotune and not backend.enable_kernel_autotune():
+        log.info("trainer.kernel_autotune: device=%s has no convolution autotuning switch; left as it is", backend.name)
 
     weight_dtype = WEIGHT_DTYPES[cfg.precision.mixed_precision]
     comps = load_components(cfg.model, model_path, dtype=weight_dtype)
@@ -382,10 +420,10 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
 
     models = StepModels(unet, comps.vae, comps.text_encoder, comps.noise_scheduler, weight_dtype)
     backend.reset_peak_memory()
-    timer = Timer(cfg.trainer.skip_steps)
+    timer = Timer(cfg.trainer.skip_steps, backend)
     run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state, timer,
              max_train_steps, num_epochs, comps, model_path, run_dir, evaluate, shuffle)
-    timer.stop(backend)
+    timer.stop()
     if evaluate is not None and state.validation_loss_step != state.global_step:
         evaluate(models.unet, state)
 
@@ -526,10 +564,11 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
                 continue
             state.global_step += 1
             progress.update(1)
-            timer.step(backend)
+            timer.step()
             if state.global_step % t.log_every_n_steps == 0 or state.global_step == max_train_steps:
                 state.guard.check()  # this reads the device anyway: stop here, naming the step, on a NaN/Inf
                 total, count = accelerator.reduce(torch.stack([loss_sum, loss_count]), reduction="sum").tolist()
+                timer.read_marks()  # the line above waited for the device
                 loss_sum.zero_()
                 loss_count.zero_()
                 now = time.perf_counter()
@@ -853,6 +892,7 @@ def _dist_backend() -> str | None:
 def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, state: RunState, timer: Timer,
                  max_train_steps: int, lora_file: Path, wall_time: float) -> dict:
     seconds_per_step = timer.seconds_per_step()
+    stats = timer.step_stats()
     global_batch = global_batch_size(cfg, accelerator.num_processes)
     peak = backend.max_memory_allocated()
     return {
@@ -868,7 +908,11 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "skip_steps": cfg.trainer.skip_steps,
         # measured
         "samples_per_second": None if seconds_per_step is None else global_batch / seconds_per_step,
-        "seconds_per_step": seconds_per_step,
+        "seconds_per_step": seconds_per_step,  # mean: wall time of the timed steps / their number
+        "seconds_per_step_median": stats["median"],  # each step's own time (device events on a GPU)
+        "seconds_per_step_p90": stats["p90"],
+        "seconds_per_step_max": stats["max"],
+        "samples_per_second_median": None if stats["median"] is None else global_batch / stats["median"],
         "timed_steps": timer.timed_steps,
         "first_step_s": timer.first_step_s,
         "peak_memory_bytes": peak,
@@ -884,6 +928,7 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "device_name": backend.device_name(),
         "model_path": str(model_path.resolve()),
         "attention": cfg.model.attention.value,
+        "sdp_kernel": cfg.model.sdp_kernel.value,
         "lora_rank": cfg.model.lora.rank,
         "lora_alpha": cfg.model.lora.lora_alpha,
         "lora_path": str(lora_file),

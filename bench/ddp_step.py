@@ -1,0 +1,106 @@
+"""What several GPUs cost the U-Net step itself: SD 2.1 U-Net + LoRA on synthetic inputs, no data loader.
+
+    torchrun --nproc_per_node N bench/ddp_step.py --model DIR --modes solo,ddp,ddp_static,ddp_nosync
+
+Each process trains the LoRA U-Net on its own GPU with inputs of the cached-latent shape (batch 4,
+4 x 96 x 96 latents, 77 x 1024 text states), fp16 autocast, grad scaler, clipping, fused AdamW,
+channels_last: the trainer's step with `dataset.cache=true`, without its data loader. Modes:
+  solo        no DDP: the processes only share the machine (do busy GPUs slow each other down?)
+  ddp         DistributedDataParallel as accelerate builds it (bucket views off, dynamic graph)
+  ddp_static  static_graph=True, gradient_as_bucket_view=True
+  ddp_nosync  ddp inside no_sync(): DDP's hooks but no all-reduce
+Step times come from CUDA events (no host sync per step); each process's median is gathered and rank 0
+prints one JSON line per mode: {"mode", "world_size", "median_s" (slowest rank), "per_rank"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--modes", default="solo,ddp,ddp_static,ddp_nosync")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--skip", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=768)
+    args = parser.parse_args()
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sd_lora.config import Attention, LoraSettings, ModelConfig
+    from sd_lora.model import add_lora, load_components
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    comps = load_components(ModelConfig(pretrained_model_name_or_path=args.model), Path(args.model),
+                            dtype=torch.float16)
+    unet = comps.unet
+    params = add_lora(unet, Attention.sdp, LoraSettings(rank=4))
+    unet.to("cuda", memory_format=torch.channels_last).train()
+    side = args.resolution // 8
+    gen = torch.Generator("cuda").manual_seed(rank)
+    latents = torch.randn(args.batch, 4, side, side, device="cuda", generator=gen, dtype=torch.float16)
+    text = torch.randn(args.batch, 77, unet.config.cross_attention_dim, device="cuda", generator=gen,
+                       dtype=torch.float16)
+
+    for mode in args.modes.split(","):
+        model = unet
+        if mode.startswith("ddp"):
+            extra = dict(static_graph=True, gradient_as_bucket_view=True) if mode == "ddp_static" else {}
+            model = DistributedDataParallel(unet, device_ids=[local], **extra)
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        scaler = torch.amp.GradScaler("cuda")
+        events = []
+        for step in range(args.steps + 1):
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.append(ev)
+            if step == args.steps:
+                break
+            t = torch.randint(0, 1000, (args.batch,), device="cuda", generator=gen)
+            noise = torch.randn(latents.shape, device="cuda", generator=gen, dtype=latents.dtype)
+            sync = model.no_sync() if mode == "ddp_nosync" else contextlib.nullcontext()
+            with sync:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    pred = model(latents + noise, t, text).sample
+                loss = F.mse_loss(pred.float(), noise.float())
+                scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        events[-1].synchronize()
+        times = [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:])][args.skip:]
+        median = torch.tensor([statistics.median(times)], device="cuda")
+        everyone = [torch.zeros_like(median) for _ in range(world)]
+        dist.all_gather(everyone, median)
+        if rank == 0:
+            per_rank = [round(float(x), 5) for x in everyone]
+            print(json.dumps({"mode": mode, "world_size": world, "median_s": max(per_rank), "per_rank": per_rank}),
+                  flush=True)
+        if isinstance(model, DistributedDataParallel):
+            del model
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
