@@ -104,9 +104,12 @@ def main() -> None:
             print(f"| {name} | {r['seconds_per_step']:.4f} | {r['samples_per_second']:.1f} | "
                   f"{r['peak_memory_gib']:.2f} GiB | {r['final_loss']:.4f} (finite: {math.isfinite(r['final_loss'])}) |")
 
+    extra = [x for x in args.extra.split(",") if x]
     scaling = ["precision=fp16", "model.attention=sdp", "perf=none", "dataset.cache=true", "dataset.drop_last=true",
                "trainer.channels_last=true", "trainer.log_every_n_steps=10", f"trainer.max_train_steps={args.steps}",
-               "trainer.skip_steps=10", *[x for x in args.extra.split(",") if x]]
+               "trainer.skip_steps=10"]
+    replaced = {x.split("=")[0] for x in extra}
+    scaling = [x for x in scaling if x.split("=")[0] not in replaced] + extra
     results = {}
     for n in [int(x) for x in args.scaling.split(",") if x]:
         results[n] = launch(f"gpus{n}", [*scaling, f"device.num_processes={n}"], args)
