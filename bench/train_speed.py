@@ -41,6 +41,7 @@ VARIANTS = {
     "nocache_cudnn": ["perf=throughput", "dataset.cache=false", "model.sdp_kernel=cudnn"],
     "throughput_flash": ["perf=throughput", "model.sdp_kernel=flash"],
     "throughput_noautotune": ["perf=throughput", "trainer.kernel_autotune=false"],
+    "throughput_autogc": ["perf=throughput", "trainer.gc_every_n_steps=null"],
     "throughput_cudagraphs": ["perf=throughput", "trainer.compile_mode=reduce-overhead"],
     "eager": ["perf=none"],  # the framework with no levers at all
 }

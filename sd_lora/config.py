@@ -252,6 +252,7 @@ class TrainerConfig:
     validation_loss_seed: int = 0  # seeds the held-out split and the fixed noise; keep it equal across a sweep
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ CUDA
     kernel_autotune: bool = False  # time the convolution algorithms on the first step and keep the fastest (CUDA: cudnn.benchmark); needs fixed shapes (dataset.drop_last)
+    gc_every_n_steps: Optional[int] = None  # Python's garbage collector off in the loop, one collection every N steps on every process alike (null: Python's automatic collection)
     channels_last: bool = False  # U-Net weights and activations in NHWC memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the U-Net (through accelerate); its time shows in the report's first_step_s
     compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs
@@ -264,7 +265,8 @@ class TrainerConfig:
             _check(value >= 1, f"trainer.{key}", value, "use a positive integer")
         _check(self.validation_loss_timesteps >= 1, "trainer.validation_loss_timesteps",
                self.validation_loss_timesteps, "use a positive integer such as 8")
-        for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_loss_steps"):
+        for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_loss_steps",
+                    "gc_every_n_steps"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"trainer.{key}", value, "use a positive integer or null")
         _check(self.num_validation_images >= 0, "trainer.num_validation_images", self.num_validation_images,

@@ -8,6 +8,7 @@ process only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -219,6 +220,39 @@ class NonFiniteGuard:
 # ---------------------------------------------------------------- run
 
 
+@contextlib.contextmanager
+def scheduled_gc(every_n_steps: int | None):
+    """trainer.gc_every_n_steps: no automatic garbage collection inside the loop; yields a per-step callback.
+
+    Python collects when allocation counts cross its thresholds, at a moment no one picks: a pause of
+    milliseconds in the thread that feeds the accelerator, in a different step on each process, and a
+    synchronised step waits for the slowest process. Here the objects that live through the run are
+    frozen out of the collector's view, and a collection of the young generations runs at the same
+    optimizer step on every process (the scheme of torchtitan's `training.gc_freq`).
+    """
+    if every_n_steps is None:
+        yield lambda step: None
+        return
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+    def after_step(step: int) -> None:
+        if step % every_n_steps == 0:
+            gc.collect(1)
+
+    try:
+        yield after_step
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
+
 @dataclass
 class Timer:
     """Time of the optimizer steps after the first `skip_steps` of this process.
@@ -421,8 +455,9 @@ def _train(cfg: Config, run_dir: Path | str) -> dict:
     models = StepModels(unet, comps.vae, comps.text_encoder, comps.noise_scheduler, weight_dtype)
     backend.reset_peak_memory()
     timer = Timer(cfg.trainer.skip_steps, backend)
-    run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state, timer,
-             max_train_steps, num_epochs, comps, model_path, run_dir, evaluate, shuffle)
+    with scheduled_gc(cfg.trainer.gc_every_n_steps) as gc_step:
+        run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state, timer,
+                 max_train_steps, num_epochs, comps, model_path, run_dir, evaluate, shuffle, gc_step)
     timer.stop()
     if evaluate is not None and state.validation_loss_step != state.global_step:
         evaluate(models.unet, state)
@@ -518,7 +553,7 @@ def build_optimization(cfg: Config, params, per_process_batches: int, num_proces
 
 def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_scheduler, dataloader, state: RunState,
              timer: Timer, max_train_steps: int, num_epochs: int, comps, model_path, run_dir: Path,
-             evaluate=None, shuffle=None) -> None:
+             evaluate=None, shuffle=None, gc_step=lambda step: None) -> None:
     from tqdm.auto import tqdm
 
     t = cfg.trainer
@@ -565,6 +600,7 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
             state.global_step += 1
             progress.update(1)
             timer.step()
+            gc_step(state.global_step)
             if state.global_step % t.log_every_n_steps == 0 or state.global_step == max_train_steps:
                 state.guard.check()  # this reads the device anyway: stop here, naming the step, on a NaN/Inf
                 total, count = accelerator.reduce(torch.stack([loss_sum, loss_count]), reduction="sum").tolist()
