@@ -40,8 +40,8 @@ VARIANTS = {
     "throughput_cudnn": ["perf=throughput", "model.sdp_kernel=cudnn"],
     "nocache_cudnn": ["perf=throughput", "dataset.cache=false", "model.sdp_kernel=cudnn"],
     "throughput_flash": ["perf=throughput", "model.sdp_kernel=flash"],
-    "throughput_noautotune": ["perf=throughput", "trainer.kernel_autotune=false"],
-    "throughput_autogc": ["perf=throughput", "trainer.gc_every_n_steps=null"],
+    "throughput_autotune": ["perf=throughput", "trainer.kernel_autotune=true"],
+    "throughput_gc": ["perf=throughput", "trainer.gc_every_n_steps=50"],
     "throughput_cudagraphs": ["perf=throughput", "trainer.compile_mode=reduce-overhead"],
     "eager": ["perf=none"],  # the framework with no levers at all
 }

@@ -94,7 +94,9 @@ def sdp_kernel_order(kernel: SdpKernel):
 
     first = {SdpKernel.flash: SDPBackend.FLASH_ATTENTION, SdpKernel.efficient: SDPBackend.EFFICIENT_ATTENTION,
              SdpKernel.cudnn: SDPBackend.CUDNN_ATTENTION, SdpKernel.math: SDPBackend.MATH}[kernel]
-    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    # OVERRIDEABLE is the slot a device plug-in (PrivateUse1) fills with its own kernel: it stays enabled
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH,
+            SDPBackend.OVERRIDEABLE]
     return sdpa_kernel([first, *(b for b in rest if b != first)], set_priority=True)
 
 

@@ -228,7 +228,9 @@ def scheduled_gc(every_n_steps: int | None):
     milliseconds in the thread that feeds the accelerator, in a different step on each process, and a
     synchronised step waits for the slowest process. Here the objects that live through the run are
     frozen out of the collector's view, and a collection of the young generations runs at the same
-    optimizer step on every process (the scheme of torchtitan's `training.gc_freq`).
+    optimizer step on every process (the scheme of torchtitan's `training.gc_freq`). The first step of
+    this process (torch.compile's compilation, when it is on) leaves a great many objects behind: they are
+    collected and frozen right after it, not in a timed step later.
     """
     if every_n_steps is None:
         yield lambda step: None
@@ -239,9 +241,15 @@ def scheduled_gc(every_n_steps: int | None):
     gc.collect()
     gc.freeze()
     gc.disable()
+    first = True
 
     def after_step(step: int) -> None:
-        if step % every_n_steps == 0:
+        nonlocal first
+        if first:
+            first = False
+            gc.collect()
+            gc.freeze()
+        elif step % every_n_steps == 0:
             gc.collect(1)
 
     try:
@@ -250,7 +258,6 @@ def scheduled_gc(every_n_steps: int | None):
         gc.unfreeze()
         if was_enabled:
             gc.enable()
-
 
 
 @dataclass

@@ -280,6 +280,7 @@ def test_nonexistent_group_option_lists_available_options():
         ("trainer.max_train_steps=0", "trainer.max_train_steps"),
         ("device.num_processes=0", "device.num_processes"),
         ("dataset.max_train_samples=0", "dataset.max_train_samples"),
+        ("trainer.gc_every_n_steps=0", "trainer.gc_every_n_steps"),
     ],
 )
 def test_range_check_raises_user_error_naming_key(override, key):
@@ -293,6 +294,15 @@ def test_range_check_raises_user_error_naming_key(override, key):
     assert "invalid" in str(info.value)
     if not value.startswith("["):
         assert float(str(info.value).split("=", 1)[1].split(" ", 1)[0]) == float(value)
+
+
+def test_sdp_kernel_needs_sdp_attention():
+    with pytest.raises(UserError) as info:
+        to_config(compose("model.attention=eager", "model.sdp_kernel=cudnn"))
+    message = str(info.value)
+    assert message.startswith("model.sdp_kernel='cudnn'") and "model.attention=eager" in message
+    assert "model.attention=sdp" in message and "model.sdp_kernel=auto" in message  # the two fixes
+    assert to_config(compose("model.attention=eager")).model.sdp_kernel.value == "auto"
 
 
 @pytest.mark.parametrize(

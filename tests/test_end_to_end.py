@@ -61,6 +61,10 @@ def test_report_has_every_field(run_dir):
     assert report["timed_steps"] == 4  # steps after skip_steps=2
     assert report["seconds_per_step"] > 0
     assert report["samples_per_second"] == pytest.approx(4 / report["seconds_per_step"])
+    # each timed step's own time: median <= p90 <= max, and no step is longer than all timed steps together
+    assert 0 < report["seconds_per_step_median"] <= report["seconds_per_step_p90"] <= report["seconds_per_step_max"]
+    assert report["seconds_per_step_max"] <= report["seconds_per_step"] * report["timed_steps"]
+    assert report["samples_per_second_median"] == pytest.approx(4 / report["seconds_per_step_median"])
     assert math.isfinite(report["final_loss"]) and report["peak_memory_bytes"] > 0
 
 
@@ -89,6 +93,26 @@ def test_lora_weights_moved_and_carry_the_config(run_dir):
     meta = read_lora_metadata(path)
     assert meta["sd_lora_config"]["optimizer"]["lr"] == pytest.approx(1e-2)
     assert meta["sd_lora_config"]["model"]["lora"]["alpha"] == 8
+
+
+def test_speed_switches_do_not_change_what_is_trained(run_dir, tmp_path):
+    """Scheduled garbage collection and kernel autotuning change when work happens, not the result;
+    the sdp kernel order names the kernel tried first and lands in the report."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "switches"
+    result = run_launch(*TRAIN, "trainer.gc_every_n_steps=2", "trainer.kernel_autotune=true",
+                        "model.sdp_kernel=math", "trainer.validation_prompts=[]", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no convolution autotuning switch" in result.stdout + result.stderr  # said, not silently ignored
+    report = json.loads((out / "report.json").read_text())
+    assert report["sdp_kernel"] == "math" and report["global_step"] == 6
+    # torch's own choice on the CPU for these shapes is the math kernel too, so the weights match bit for bit
+    name = "lora/pytorch_lora_weights.safetensors"
+    base, switched = load_file(run_dir / name), load_file(out / name)
+    assert base.keys() == switched.keys()
+    for key in base:
+        assert torch.equal(base[key], switched[key]), key
 
 
 def test_saved_lora_loads_into_diffusers_and_changes_the_image(run_dir, tiny_model_path):

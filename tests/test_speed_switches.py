@@ -1,0 +1,120 @@
+"""The trainer's speed switches and its step timer, on the CPU: what each one does, not how fast it is."""
+
+import gc
+import time
+import weakref
+
+import pytest
+import torch
+
+from sd_lora.config import SdpKernel
+from sd_lora.devices import CpuBackend
+from sd_lora.model import sdp_kernel_order
+from sd_lora.train import Timer, scheduled_gc
+
+
+class Cycle:
+    """An object only the cycle collector can free."""
+
+    def __init__(self):
+        self.me = self
+
+
+def cyclic_garbage() -> weakref.ref:
+    return weakref.ref(Cycle())
+
+
+def test_timer_measures_each_step_after_skip_steps():
+    timer = Timer(skip_steps=2, backend=CpuBackend())
+    pauses = [0.0, 0.0, 0.02, 0.06, 0.02]  # steps 1..5: 1 and 2 untimed
+    for pause in pauses:
+        time.sleep(pause)
+        timer.step()
+    timer.stop()
+    assert timer.timed_steps == 3 and len(timer.step_seconds) == 3
+    for measured, slept in zip(timer.step_seconds, pauses[2:]):
+        assert slept <= measured < slept + 0.05
+    stats = timer.step_stats()
+    assert stats["max"] == max(timer.step_seconds) >= 0.06
+    assert stats["median"] == sorted(timer.step_seconds)[1] < stats["max"]  # the slow step moves the mean only
+    assert timer.seconds_per_step() > stats["median"]
+
+
+def test_timer_reads_marks_in_pieces_without_losing_a_step():
+    timer = Timer(skip_steps=0, backend=CpuBackend())
+    for step in range(1, 8):
+        timer.step()
+        if step % 3 == 0:
+            timer.read_marks()  # as the loop does at each logging step
+    timer.stop()
+    assert len(timer.step_seconds) == 7 == timer.timed_steps  # skip_steps=0: the first step is timed too
+
+
+def test_timer_without_step_marks_reports_no_per_step_times():
+    class NoMarks(CpuBackend):
+        def step_mark(self):
+            return None  # a device without timing events (torch.gcu without Event)
+
+    timer = Timer(skip_steps=1, backend=NoMarks())
+    for _ in range(3):
+        timer.step()
+    timer.stop()
+    assert timer.step_stats() == {"median": None, "p90": None, "max": None}
+    assert timer.seconds_per_step() is not None  # the mean stays
+
+
+def test_scheduled_gc_collects_at_chosen_steps_only_and_restores_the_collector():
+    assert gc.isenabled()
+    with scheduled_gc(3) as after_step:
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        first = cyclic_garbage()
+        after_step(1)  # the first step: a full collection, then what survives is frozen
+        assert first() is None
+        garbage = cyclic_garbage()
+        for _ in range(5000):  # more allocations than Python's thresholds: no automatic collection now
+            Cycle()
+        after_step(2)
+        assert garbage() is not None
+        after_step(3)
+        assert garbage() is None
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_scheduled_gc_off_leaves_python_alone():
+    with scheduled_gc(None) as after_step:
+        assert gc.isenabled()
+        after_step(1)
+    assert gc.isenabled()
+
+
+def test_scheduled_gc_restores_the_collector_after_an_error():
+    with pytest.raises(RuntimeError):
+        with scheduled_gc(2):
+            raise RuntimeError("a failed step")
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+priority = getattr(torch._C, "_get_sdp_priority_order", None)  # torch's own view of the order (private)
+
+
+@pytest.mark.skipif(priority is None, reason="this torch does not expose the sdp priority order")
+@pytest.mark.parametrize("kernel,backend", [(SdpKernel.cudnn, "CUDNN_ATTENTION"), (SdpKernel.flash, "FLASH_ATTENTION"),
+                                            (SdpKernel.efficient, "EFFICIENT_ATTENTION"), (SdpKernel.math, "MATH")])
+def test_sdp_kernel_order_puts_the_kernel_first_and_keeps_the_others(kernel, backend):
+    from torch.nn.attention import SDPBackend
+
+    before = list(priority())
+    with sdp_kernel_order(kernel):
+        order = list(priority())
+        assert order[0] == getattr(SDPBackend, backend).value
+        # a preference: every kernel torch had stays available as a fallback
+        assert set(before) <= set(order)  # OVERRIDEABLE too: a device plug-in's own kernel
+        q = torch.randn(1, 2, 8, 4)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # runs, whatever the first choice
+    assert list(priority()) == before
+
+
+def test_sdp_kernel_auto_changes_nothing():
+    before = list(priority()) if priority else None
+    with sdp_kernel_order(SdpKernel.auto):
+        assert (list(priority()) if priority else None) == before
