@@ -10,7 +10,9 @@ channels_last: the trainer's step with `dataset.cache=true`, without its data lo
   ddp_static  static_graph=True, gradient_as_bucket_view=True
   ddp_nosync  ddp inside no_sync(): DDP's hooks but no all-reduce
 Step times come from CUDA events (no host sync per step); each process's median is gathered and rank 0
-prints one JSON line per mode: {"mode", "world_size", "median_s" (slowest rank), "per_rank"}.
+prints one JSON line per mode and round: {"mode", "position", "world_size", "median_s" (slowest rank),
+"per_rank"}. Modes run --rounds times, every other round in reverse order, so that a card warming up over
+the run does not pass for the cost of a mode.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--modes", default="solo,ddp,ddp_static,ddp_nosync")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="run the modes this many times, every other round in reverse order (the card warms up)")
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=768)
@@ -60,7 +64,10 @@ def main() -> None:
     text = torch.randn(args.batch, 77, unet.config.cross_attention_dim, device="cuda", generator=gen,
                        dtype=torch.float16)
 
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    order = [m for r in range(args.rounds) for m in (modes if r % 2 == 0 else modes[::-1])]
+    for round_mode in enumerate(order):
+        mode = round_mode[1]
         model = unet
         if mode.startswith("ddp"):
             extra = dict(static_graph=True, gradient_as_bucket_view=True) if mode == "ddp_static" else {}
@@ -94,8 +101,8 @@ def main() -> None:
         dist.all_gather(everyone, median)
         if rank == 0:
             per_rank = [round(float(x), 5) for x in everyone]
-            print(json.dumps({"mode": mode, "world_size": world, "median_s": max(per_rank), "per_rank": per_rank}),
-                  flush=True)
+            print(json.dumps({"mode": mode, "position": round_mode[0], "world_size": world,
+                              "median_s": max(per_rank), "per_rank": per_rank}), flush=True)
         if isinstance(model, DistributedDataParallel):
             del model
         dist.barrier()
