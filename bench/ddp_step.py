@@ -66,8 +66,7 @@ def main() -> None:
 
     modes = args.modes.split(",")
     order = [m for r in range(args.rounds) for m in (modes if r % 2 == 0 else modes[::-1])]
-    for round_mode in enumerate(order):
-        mode = round_mode[1]
+    for position, mode in enumerate(order):
         model = unet
         if mode.startswith("ddp"):
             extra = dict(static_graph=True, gradient_as_bucket_view=True) if mode == "ddp_static" else {}
@@ -101,7 +100,7 @@ def main() -> None:
         dist.all_gather(everyone, median)
         if rank == 0:
             per_rank = [round(float(x), 5) for x in everyone]
-            print(json.dumps({"mode": mode, "position": round_mode[0], "world_size": world,
+            print(json.dumps({"mode": mode, "position": position, "world_size": world,
                               "median_s": max(per_rank), "per_rank": per_rank}), flush=True)
         if isinstance(model, DistributedDataParallel):
             del model
