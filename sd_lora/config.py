@@ -244,6 +244,7 @@ class TrainerConfig:
     num_inference_steps: int = 30  # denoising steps for validation images
     seed: int = 0  # seeds python, numpy, torch and every device generator
     skip_steps: int = 10  # optimizer steps left out of the report's timing (warm-up)
+    profile_steps: int = 0  # torch.profiler over this many optimizer steps after skip_steps: <run dir>/profile/ (0 = off)
     snr_gamma: Optional[float] = None  # Min-SNR weighting gamma (5.0 is the paper's); null = plain MSE
     noise_offset: float = 0.0  # scale of per-channel offset noise; 0 = off
     log_every_n_steps: int = 1  # loss/lr/throughput to tensorboard and the progress bar every N steps
@@ -272,6 +273,7 @@ class TrainerConfig:
         _check(self.num_validation_images >= 0, "trainer.num_validation_images", self.num_validation_images,
                "use 0 or more")
         _check(self.skip_steps >= 0, "trainer.skip_steps", self.skip_steps, "use 0 or more")
+        _check(self.profile_steps >= 0, "trainer.profile_steps", self.profile_steps, "use 0 (off) or more")
         _check(self.snr_gamma is None or self.snr_gamma > 0, "trainer.snr_gamma", self.snr_gamma,
                "use a positive gamma such as 5.0, or null to turn Min-SNR weighting off")
         _check(self.noise_offset >= 0, "trainer.noise_offset", self.noise_offset, "use 0 or more")

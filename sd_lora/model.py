@@ -86,7 +86,8 @@ def sdp_kernel_order(kernel: SdpKernel):
     """A context in which scaled_dot_product_attention tries `kernel` first, then torch's others; auto: torch's order.
 
     A preference, not a demand: a kernel that cannot run a shape (or this device) falls back to the next.
-    The order is process-wide (autograd's threads see it) and is read when torch.compile traces the U-Net.
+    The order is process-wide (autograd's threads see it). CUDA's dispatch reads it; on the CPU (torch 2.13)
+    torch takes its CPU flash kernel whenever it can, whatever the order.
     """
     if kernel is SdpKernel.auto:
         return contextlib.nullcontext()

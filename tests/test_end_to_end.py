@@ -107,7 +107,8 @@ def test_speed_switches_do_not_change_what_is_trained(run_dir, tmp_path):
     assert "no convolution autotuning switch" in result.stdout + result.stderr  # said, not silently ignored
     report = json.loads((out / "report.json").read_text())
     assert report["sdp_kernel"] == "math" and report["global_step"] == 6
-    # torch's own choice on the CPU for these shapes is the math kernel too, so the weights match bit for bit
+    # torch's CPU dispatch takes its CPU flash kernel whatever the order (the order is read on CUDA), and
+    # the other two switches change when work happens, not what: the weights match bit for bit
     name = "lora/pytorch_lora_weights.safetensors"
     base, switched = load_file(run_dir / name), load_file(out / name)
     assert base.keys() == switched.keys()
@@ -199,3 +200,17 @@ def test_user_mistakes_get_one_clear_message(overrides, expected, tmp_path):
     assert expected in output
     assert "Traceback" not in output
     assert not (tmp_path / "run" / "lora").exists()  # stopped before any training
+
+
+def test_profile_steps_writes_a_trace_and_a_table(tmp_path):
+    out = tmp_path / "profiled"
+    result = run_launch(*TRAIN, "trainer.profile_steps=2", "trainer.checkpointing_steps=null",
+                        "trainer.validation_prompts=[]", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    trace = json.loads((out / "profile" / "rank0.trace.json").read_text())
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    # optimizer steps 3 and 4, the two after skip_steps=2 (torch counts its steps from 0), not the warm-up step 2
+    assert steps == {"ProfilerStep#2", "ProfilerStep#3"}
+    table = (out / "profile" / "rank0.txt").read_text()
+    assert "aten::" in table and "Self CPU" in table
+    assert json.loads((out / "report.json").read_text())["global_step"] == 6  # profiling did not cut the run
