@@ -7,7 +7,8 @@
 backends under both precisions must finish with a finite loss; prints s/step and peak memory.
 --scaling: 768 px, batch 4 per GPU, fp16, sdp, cached latents and text embeddings, channels_last, no
 compile; device.num_processes=N from one Hydra job. Efficiency = N-GPU samples/s / (N x 1-GPU samples/s),
-from the mean step time and from the median of per-step times. --extra adds overrides (e.g. perf=throughput).
+from the mean step time and from the median of per-step times. --extra adds overrides (e.g. perf=throughput;
+trainer.profile_steps=5 also copies rank 0's operator table of each run to <out>/<run>-profile.txt).
 --concurrent N: N unrelated 1-GPU jobs at once, one per GPU: what sharing the host costs without all-reduce.
 Every run's report.json goes into <out>/gpu_runs.json; logs stay in <work>.
 """
@@ -54,6 +55,9 @@ def finish(name: str, result, run_dir: Path, start: float, args) -> dict:
         return {"error": result.stderr[-300:]}
     report = json.loads((run_dir / "report.json").read_text())
     report["process_wall_s"] = time.perf_counter() - start
+    table = run_dir / "profile" / "rank0.txt"  # with --extra trainer.profile_steps=N
+    if table.is_file():
+        (Path(args.out) / f"{name}-profile.txt").write_text(table.read_text())
     ALL[name] = report
     (Path(args.out) / "gpu_runs.json").write_text(json.dumps(ALL, indent=2))
     print(f"{name}: {report['seconds_per_step']:.4f} s/step (median {report['seconds_per_step_median']:.4f}, "
