@@ -47,8 +47,8 @@ def load_table(cfg: DatasetConfig, seed: int = 0, validation_seed: int = 0):
     return table
 
 
-def check_captions(table, cfg: DatasetConfig) -> None:
-    """UserError naming the training rows whose caption is empty, before any training (one pass over the column)."""
+def check_captions(table, cfg: DatasetConfig, what: str = "training") -> None:
+    """UserError naming the rows whose caption is empty, before any training (one pass over the column)."""
     def empty(value) -> bool:
         if value is None:
             return True
@@ -63,7 +63,7 @@ def check_captions(table, cfg: DatasetConfig) -> None:
         first = _image_where(table[rows[0]][cfg.image_column], rows[0])
         listed = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
         raise UserError(
-            f"dataset.caption_column={cfg.caption_column!r}: {len(rows)} of {len(table)} training rows have an empty "
+            f"dataset.caption_column={cfg.caption_column!r}: {len(rows)} of {len(table)} {what} rows have an empty "
             f"caption (rows {listed}; the first is {first}); write a caption for them or remove those rows"
         )
 
@@ -79,6 +79,7 @@ def load_validation_table(cfg: DatasetConfig, validation_seed: int = 0):
         return None
     if cfg.max_validation_samples is not None:
         table = table.select(range(min(cfg.max_validation_samples, len(table))))
+    check_captions(table, cfg, what="held-out")
     return table
 
 

@@ -11,12 +11,18 @@ prediction type; there is no Min-SNR weighting, so runs with different `snr_gamm
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sd_lora.data import _image_where, decode_image, tokenize, train_transform
+from sd_lora.config import OnFailure
+from sd_lora.data import _image_where, decode_image, pick_caption, tokenize, train_transform
+from sd_lora.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,17 +39,30 @@ class ValidationSet:
 @torch.no_grad()
 def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise_scheduler, device,
                          dtype: torch.dtype, num_timesteps: int, seed: int) -> ValidationSet:
-    latents, texts = [], []
+    latents, texts, skipped = [], [], []
     for index in range(len(table)):
         row = table[index]
         cell = row[cfg_dataset.image_column]
-        image = decode_image(cell, "validation " + _image_where(cell, index))
+        try:
+            image = decode_image(cell, "held-out " + _image_where(cell, index))
+        except UserError as exc:  # dataset.on_bad_image decides here as in training
+            if cfg_dataset.on_bad_image is not OnFailure.skip:
+                raise
+            log.warning("dataset.on_bad_image=skip: %s; left out of the validation loss", exc)
+            skipped.append(index)
+            continue
         caption = row[cfg_dataset.caption_column]
-        caption = caption if isinstance(caption, str) else list(caption)[0]
+        if isinstance(caption, (list, tuple, np.ndarray)):  # the first caption, so that the loss stays fixed
+            caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
+        caption = pick_caption(caption, index, cfg_dataset.caption_column)
         pixels = train_transform(image, cfg_dataset.resolution, center_crop=True, random_flip=False)
         posterior = vae.encode(pixels[None].to(device, dtype=dtype)).latent_dist
         latents.append(posterior.mean.float() * vae.config.scaling_factor)
         texts.append(text_encoder(tokenize(tokenizer, [caption]).to(device), return_dict=False)[0].float())
+    if not latents and skipped:
+        raise UserError(f"dataset.on_bad_image=skip: none of the {len(table)} held-out images can be decoded (rows "
+                        f"{skipped[:5]}{' ...' if len(skipped) > 5 else ''}); fix or remove them, or hold out other "
+                        "rows (dataset.validation_split / dataset.validation_source)")
     latents, texts = torch.cat(latents), torch.cat(texts)
     n, k = len(latents), num_timesteps
     total = noise_scheduler.config.num_train_timesteps

@@ -367,3 +367,43 @@ def test_provenance_records_config_overrides_versions_commit_and_seeds(reference
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert provenance["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert provenance["resumed_from"] is None and "earlier" not in provenance
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tiny_model_path):
+    from sd_lora.model import load_components
+
+    return load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)), Path(tiny_model_path))
+
+
+def held_out_set(table, parts, **dataset):
+    from sd_lora.evaluation import build_validation_set
+
+    return build_validation_set(table, DatasetConfig(path="d", resolution=16, **dataset), parts.tokenizer, parts.vae,
+                                parts.text_encoder, parts.noise_scheduler, "cpu", torch.float32, num_timesteps=2,
+                                seed=0)
+
+
+def test_held_out_bad_images_follow_on_bad_image(tiny_parts, caplog):
+    table = table_of(["a", "b", "c"], broken={1})
+    with caplog.at_level("WARNING"):
+        kept = held_out_set(table, tiny_parts, on_bad_image=OnFailure.skip)
+    assert kept.num_samples == 2 and "left out of the validation loss" in caplog.text
+    without = held_out_set(table.select([0, 2]), tiny_parts)  # the same as holding out only the good rows
+    assert torch.equal(kept.latents, without.latents)
+    assert torch.equal(kept.encoder_hidden_states, without.encoder_hidden_states)
+    with pytest.raises(UserError, match=r"held-out data set row 1 \(file 1.png\): the image cannot be decoded"):
+        held_out_set(table, tiny_parts)  # on_bad_image=error, the default
+    with pytest.raises(UserError, match="none of the 2 held-out images can be decoded"):
+        held_out_set(table_of(["a", "b"], broken={0, 1}), tiny_parts, on_bad_image=OnFailure.skip)
+
+
+def test_held_out_captions_use_the_first_and_are_checked(tiny_parts, tmp_path):
+    from sd_lora.data import load_validation_table
+
+    several = held_out_set(table_of([["a red square", "ignored"]]), tiny_parts)
+    one = held_out_set(table_of(["a red square"]), tiny_parts)
+    assert torch.equal(several.encoder_hidden_states, one.encoder_hidden_states)  # fixed, not a random pick
+    data = write_images(tmp_path / "data", ["", " ", "", "a blue square"])
+    with pytest.raises(UserError, match="held-out rows have an empty caption"):
+        load_validation_table(DatasetConfig(path=str(data), validation_split=0.5))
