@@ -291,6 +291,11 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+def global_batch_size(cfg: Config, num_processes: int) -> int:
+    """Samples one optimizer step consumes: batch x processes x accumulation (the README's batch rule)."""
+    return cfg.trainer.train_batch_size * num_processes * cfg.trainer.gradient_accumulation_steps
+
+
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore; YAML options extend `base_<group>`."""
     cs = ConfigStore.instance()
@@ -346,3 +351,4 @@ def to_config(cfg) -> Config:
 
 register_configs()
 register_resolvers()
+

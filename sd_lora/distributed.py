@@ -112,7 +112,8 @@ def launch_workers(cfg: Config, run_dir: str) -> dict | None:
 
 def run(cfg: Config, run_dir: str) -> dict | None:
     """Train in this process, in workers started here, or as one rank of an external launcher."""
-    from sd_lora.train import check_resume, checks_before_work, run_fingerprint, train
+    from sd_lora.checkpoints import check_resume, run_fingerprint
+    from sd_lora.train import checks_before_work, train
 
     if launched_externally():  # accelerate launch / torchrun started one Hydra app per rank
         run_dir = agree_on_run_dir(run_dir, cfg)

@@ -8,34 +8,30 @@ process only.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import math
-import re
-import shutil
-import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sd_lora.config import Config, MixedPrecision, OnFailure, PredictionType
+from sd_lora.checkpoints import (RunState, check_resume, list_checkpoints, register_checkpoint_hooks, resume,
+                                  run_fingerprint, save_checkpoint)
+from sd_lora.config import Config, MixedPrecision, OnFailure, PredictionType, global_batch_size
 from sd_lora.data import CaptionedImages, build_dataloader, load_table, load_validation_table, sample_seed
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
-from sd_lora.model import add_lora, load_components, lora_state_dict, resolve_model_path, save_lora, sdp_kernel_order
+from sd_lora.model import add_lora, load_components, resolve_model_path, save_lora, sdp_kernel_order
+from sd_lora.timing import StepProfiler, Timer, scheduled_gc
 
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {MixedPrecision.no: torch.float32, MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.bfloat16}
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-CHECKPOINT_META = "sd_lora_checkpoint.json"  # in each checkpoint: what it fits (run_fingerprint), the run's counters
 
 
 # ---------------------------------------------------------------- loss
@@ -218,174 +214,6 @@ class NonFiniteGuard:
 
 
 # ---------------------------------------------------------------- run
-
-
-@contextlib.contextmanager
-def scheduled_gc(every_n_steps: int | None):
-    """trainer.gc_every_n_steps: no automatic garbage collection inside the loop; yields a per-step callback.
-
-    Python collects when allocation counts cross its thresholds, at a moment no one picks: a pause of
-    milliseconds in the thread that feeds the accelerator, in a different step on each process, and a
-    synchronised step waits for the slowest process. Here the objects that live through the run are
-    frozen out of the collector's view, and a collection of the young generations runs at the same
-    optimizer step on every process (the scheme of torchtitan's `training.gc_freq`). The first step of
-    this process (torch.compile's compilation, when it is on) leaves a great many objects behind: they are
-    collected and frozen right after it, not in a timed step later.
-    """
-    if every_n_steps is None:
-        yield lambda step: None
-        return
-    import gc
-
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    first = True
-
-    def after_step(step: int) -> None:
-        nonlocal first
-        if first:
-            first = False
-            gc.collect()
-            gc.freeze()
-        elif step % every_n_steps == 0:
-            gc.collect(1)
-
-    try:
-        yield after_step
-    finally:
-        gc.unfreeze()
-        if was_enabled:
-            gc.enable()
-
-
-class StepProfiler:
-    """trainer.profile_steps=N: torch.profiler over N optimizer steps that follow skip_steps (and one warm-up step).
-
-    Each process writes <run dir>/profile/rank<R>.trace.json (chrome://tracing, Perfetto) and rank<R>.txt,
-    its operators by self device time (CPU time on the CPU). The profiled steps run slower: read the speed
-    from a run without profiling.
-    """
-
-    def __init__(self, steps: int, skip_steps: int, backend: Backend, run_dir: Path, rank: int):
-        self.profiler = None
-        if steps <= 0:
-            return
-        from torch.profiler import ProfilerActivity, profile, schedule
-
-        self.out, self.rank = run_dir / "profile", rank
-        self.device_time = backend.name == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device_time else [])
-        self.profiler = profile(activities=activities, on_trace_ready=self._write,
-                                schedule=schedule(skip_first=max(skip_steps - 1, 0), wait=0, warmup=1, active=steps,
-                                                  repeat=1))
-        self.profiler.start()
-
-    def _write(self, prof) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(self.out / f"rank{self.rank}.trace.json"))
-        sort = "self_cuda_time_total" if self.device_time else "self_cpu_time_total"
-        (self.out / f"rank{self.rank}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=50) + "\n")
-        log.info("profile written to %s", self.out)
-
-    def step(self) -> None:
-        if self.profiler is not None:
-            self.profiler.step()
-
-    def stop(self) -> None:
-        if self.profiler is not None:
-            self.profiler.stop()
-            self.profiler = None
-
-
-@dataclass
-class Timer:
-    """Time of the optimizer steps after the first `skip_steps` of this process.
-
-    Two measures: the mean, wall time over the timed steps with a device sync at both ends; and each step's
-    own time, from a mark the backend puts between steps (a timing event on a GPU, so no host sync per step),
-    read where the loop syncs anyway. The median of those is robust to the few slow steps (an epoch's
-    first batch, a logging step) that the mean carries. Also the time to the first optimizer step, which
-    holds torch.compile's compilation when it is on.
-    """
-
-    skip_steps: int
-    backend: Backend
-    steps: int = 0  # optimizer steps this process has done
-    start: float | None = None
-    end: float | None = None
-    loop_start: float = field(default_factory=time.perf_counter)
-    first_step_s: float | None = None
-    marks: list = field(default_factory=list)  # step marks not yet read
-    step_seconds: list = field(default_factory=list)  # each timed step's own time
-
-    def __post_init__(self):
-        if self.skip_steps == 0:
-            self.start = self.loop_start
-            self._mark()
-
-    def _mark(self) -> None:
-        mark = self.backend.step_mark()
-        if mark is not None:
-            self.marks.append(mark)
-
-    def step(self) -> None:
-        self.steps += 1
-        if self.steps == 1:
-            self.backend.synchronize()
-            self.first_step_s = time.perf_counter() - self.loop_start
-        if self.steps == self.skip_steps:
-            self.backend.synchronize()
-            self.start = time.perf_counter()
-        if self.steps >= self.skip_steps:
-            self._mark()
-
-    def read_marks(self) -> None:
-        """Turn the marks into step times; call where the device has been synchronised anyway."""
-        if len(self.marks) > 1:
-            self.step_seconds += [b.seconds_since(a) for a, b in zip(self.marks, self.marks[1:])]
-            del self.marks[:-1]
-
-    def stop(self) -> None:
-        self.backend.synchronize()
-        self.end = time.perf_counter()
-        self.read_marks()
-
-    @property
-    def timed_steps(self) -> int:
-        return max(0, self.steps - self.skip_steps) if self.start is not None else 0
-
-    def seconds_per_step(self) -> float | None:
-        if self.end is None or self.timed_steps == 0:
-            return None
-        return (self.end - self.start) / self.timed_steps
-
-    def step_stats(self) -> dict:
-        """Median, 90th percentile and max of the per-step times (None where not measured)."""
-        times = sorted(self.step_seconds)
-        if not times:
-            return {"median": None, "p90": None, "max": None}
-        return {"median": statistics.median(times), "p90": times[min(len(times) - 1, int(0.9 * len(times)))],
-                "max": times[-1]}
-
-
-@dataclass
-class RunState:
-    global_step: int = 0
-    first_epoch: int = 0
-    resume_batches: int = 0  # batches of first_epoch already consumed before the resume
-    last_loss: float | None = None
-    validation_loss: float | None = None
-    validation_loss_step: int | None = None
-    validations: list = field(default_factory=list)
-    # kept in each checkpoint, so that a resumed run reports them for the whole run
-    nonfinite_skipped_steps: int = 0  # steps left out for a NaN/Inf loss (trainer.on_nonfinite_loss=skip)
-    grad_scaler_skipped_steps: int = 0  # fp16: steps the grad scaler skipped on an overflow (normal, not an error)
-    skipped_image_rows: set = field(default_factory=set)  # rows whose image cannot be decoded (dataset.on_bad_image=skip)
-    resumed_from: str | None = None
-    fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run fits (see run_fingerprint)
-    guard: NonFiniteGuard | None = None
 
 
 def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
@@ -577,11 +405,6 @@ def offload(comps, device) -> None:
     comps.text_encoder.to(device)
 
 
-def global_batch_size(cfg: Config, num_processes: int) -> int:
-    """Samples one optimizer step consumes: batch x processes x accumulation (the README's batch rule)."""
-    return cfg.trainer.train_batch_size * num_processes * cfg.trainer.gradient_accumulation_steps
-
-
 def build_optimization(cfg: Config, params, per_process_batches: int, num_processes: int, fused: bool = False):
     """Optimizer, lr schedule, total optimizer steps, epochs and steps per epoch, from the sharded loader's length.
 
@@ -727,217 +550,6 @@ def run_validation(cfg, accelerator, backend, models: StepModels, comps, model_p
         offload(comps, "cpu")
     log.info("validation at step %d: %d image(s) in %s", step, len(written), out)
     return written
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def register_checkpoint_hooks(accelerator, unet) -> None:
-    """Checkpoints hold the LoRA weights only (not the frozen 3 GB U-Net), plus optimizer/scheduler/RNG."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                base = accelerator.unwrap_model(model, keep_torch_compile=False)
-                save_file({k: v.contiguous() for k, v in lora_state_dict(base).items()},
-                          str(Path(output_dir) / "lora.safetensors"))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
-            state = convert_unet_state_dict_to_peft(load_file(str(Path(input_dir) / "lora.safetensors")))
-            result = set_peft_model_state_dict(model, state, adapter_name="default")
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise UserError(f"checkpoint {input_dir} does not fit this model: unexpected keys {unexpected[:3]}")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    found = [p for p in checkpoint_dir(run_dir).glob("checkpoint-*") if CHECKPOINT_RE.match(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
-
-
-def _remove(path: Path) -> None:
-    """Delete a checkpoint folder so that a kill midway leaves no partial checkpoint-<step> behind."""
-    doomed = path.with_name(f".old-{path.name}")
-    path.rename(doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk: best effort, some file systems refuse it for folders."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(accelerator, cfg: Config, run_dir: Path, state: RunState) -> Path:
-    """Save a resumable checkpoint whole or not at all; then keep at most `checkpoints_total_limit`.
-
-    Everything goes into checkpoints/.tmp-checkpoint-<step>, which is renamed to checkpoint-<step>
-    once complete and flushed (a rename inside one folder is atomic): a kill at any moment leaves the
-    new checkpoint whole or absent, and `latest` (the highest checkpoint-<step>) is always whole.
-    Older checkpoints are removed only after that rename. Called by every process (collective).
-    """
-    from accelerate.utils import gather_object
-
-    state.guard.check()  # never save weights that a NaN/Inf has reached
-    root = checkpoint_dir(run_dir)
-    target, tmp = root / f"checkpoint-{state.global_step}", root / f".tmp-checkpoint-{state.global_step}"
-    if accelerator.is_main_process:
-        for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".old-checkpoint-*")]:  # from a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    state.skipped_image_rows = set().union(*gather_object([sorted(state.skipped_image_rows)]))
-    state.grad_scaler_skipped_steps += state.guard.take_scaler_skips()
-    accelerator.wait_for_everyone()  # every process has written its part (random_states_<rank>.pkl)
-    if accelerator.is_main_process:
-        # Test hook: tests/test_checkpoints.py kills the run here, with the checkpoint half written.
-        if os.environ.get("SD_LORA_TEST_PAUSE_IN_CHECKPOINT") == str(state.global_step):
-            time.sleep(600)
-        meta = {"format": 1, "step": state.global_step, "fingerprint": state.fingerprint,
-                "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
-                "grad_scaler_skipped_steps": state.grad_scaler_skipped_steps,
-                "skipped_image_rows": sorted(state.skipped_image_rows)}
-        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
-        for file in tmp.rglob("*"):  # on disk before the rename, so that it also survives a power cut
-            if file.is_file():
-                _fsync(file)
-        if target.exists():  # saved again, by a run resumed from an earlier checkpoint: the new one wins
-            _remove(target)
-        tmp.rename(target)
-        _fsync(root)
-        if cfg.trainer.checkpoints_total_limit is not None:
-            for old in list_checkpoints(run_dir)[: -cfg.trainer.checkpoints_total_limit]:
-                _remove(old)
-        log.info("checkpoint saved: %s", target)
-    accelerator.wait_for_everyone()
-    return target
-
-
-# Fingerprint keys a checkpoint must match to be resumed, with what the message calls them. The model is
-# identified by content (U-Net config and the start of its weights), so a moved model folder still fits.
-FINGERPRINT_KEYS = {
-    "model": "the model (U-Net config and weights)",
-    "model.lora.rank": "model.lora.rank",
-    "model.lora.alpha": "model.lora.alpha",
-    "model.lora.target_modules": "model.lora.target_modules",
-    "training_samples": "the number of training samples (dataset.path, dataset.max_train_samples, "
-                        "dataset.validation_split)",
-}
-
-
-def model_identity(model_path: Path, variant: str | None) -> str:
-    """A short hash of the U-Net: its config and the first MiB of its weights file, wherever the folder lies."""
-    unet = Path(model_path) / "unet"
-    config = json.loads((unet / "config.json").read_text())
-    digest = hashlib.sha256(json.dumps({k: v for k, v in config.items() if not k.startswith("_")},
-                                       sort_keys=True).encode())
-    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
-    for name in (f"{stem}.safetensors", f"{stem}.bin", f"{stem}.safetensors.index.json", f"{stem}.bin.index.json"):
-        if (unet / name).is_file():
-            with open(unet / name, "rb") as f:
-                digest.update(f.read(1 << 20))  # a safetensors header and the first tensors: cheap, and distinctive
-            break
-    return digest.hexdigest()[:16]
-
-
-def run_fingerprint(cfg: Config, model_path: Path, table, num_processes: int) -> dict:
-    """What a checkpoint of this run fits (FINGERPRINT_KEYS), and facts that are only warned about."""
-    lora = cfg.model.lora
-    return {
-        "model": model_identity(model_path, cfg.model.variant),
-        "model.lora.rank": lora.rank,
-        "model.lora.alpha": lora.lora_alpha,
-        "model.lora.target_modules": sorted(lora.target_modules),
-        "training_samples": len(table),
-        # warned about only: a moved folder, or another batch layout (which shifts the position inside the epoch)
-        "model_path": str(Path(model_path).resolve()),
-        "global_batch_size": global_batch_size(cfg, num_processes),
-    }
-
-
-def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint `trainer.resume_from_checkpoint` names, or None to start fresh."""
-    value = cfg.trainer.resume_from_checkpoint
-    if not value:
-        return None
-    if value == "latest":
-        found = list_checkpoints(Path(run_dir))
-        if not found:
-            log.warning("trainer.resume_from_checkpoint=latest: no checkpoint in %s; starting fresh",
-                        checkpoint_dir(Path(run_dir)))
-            return None
-        return found[-1]
-    path = Path(value)
-    if not path.is_dir() or not CHECKPOINT_RE.match(path.name):
-        raise UserError(f"trainer.resume_from_checkpoint={value!r}: no checkpoint folder checkpoint-<step> at "
-                        f"{path.resolve()}; give such a folder or 'latest'")
-    return path
-
-
-def check_resume(cfg: Config, run_dir: Path, fingerprint: dict) -> Path | None:
-    """The checkpoint to resume from, refused (UserError naming each key) if it does not fit this run."""
-    path = find_resume_checkpoint(cfg, run_dir)
-    if path is None:
-        return None
-    meta_file = path / CHECKPOINT_META
-    if not meta_file.is_file():
-        log.warning("checkpoint %s has no %s (made by an older sd_lora): not checked against this run",
-                    path, CHECKPOINT_META)
-        return path
-    saved = json.loads(meta_file.read_text()).get("fingerprint", {})
-    differ = [key for key in FINGERPRINT_KEYS if key in saved and saved[key] != fingerprint[key]]
-    if differ:
-        def shown(fp: dict, key: str):  # the model's fingerprint is a hash: show its folder instead
-            return fp.get("model_path") if key == "model" else fp[key]
-
-        parts = [f"{FINGERPRINT_KEYS[key]}: {shown(saved, key)!r} in the checkpoint, {shown(fingerprint, key)!r} now"
-                 for key in differ]
-        raise UserError(f"trainer.resume_from_checkpoint: {path} does not fit this run; " + "; ".join(parts)
-                        + ". Resume with the settings the checkpoint was made with, or start a new run in another "
-                          "run directory (hydra.run.dir)")
-    for key, why in (("model_path", "the model folder moved; its content is the same"),
-                     ("global_batch_size", "the position inside the epoch is taken from the step count, so some "
-                                           "samples of this epoch are seen twice or not at all")):
-        if key in saved and saved[key] != fingerprint[key]:
-            log.warning("resuming %s: %s was %r and is %r now (%s)", path, key, saved[key], fingerprint[key], why)
-    return path
-
-
-def resume(accelerator, cfg: Config, path: Path, steps_per_epoch: int) -> RunState:
-    """Load a checkpoint (LoRA, optimizer, lr schedule, RNG, accumulation counter) and where the run was."""
-    accelerator.load_state(str(path))
-    step = int(CHECKPOINT_RE.match(path.name).group(1))
-    meta = json.loads((path / CHECKPOINT_META).read_text()) if (path / CHECKPOINT_META).is_file() else {}
-    log.info("resumed from %s at step %d", path, step)
-    consumed = step * cfg.trainer.gradient_accumulation_steps
-    batches_per_epoch = steps_per_epoch * cfg.trainer.gradient_accumulation_steps
-    return RunState(global_step=step, first_epoch=step // steps_per_epoch, resume_batches=consumed % batches_per_epoch,
-                    resumed_from=str(path), nonfinite_skipped_steps=meta.get("nonfinite_skipped_steps", 0),
-                    grad_scaler_skipped_steps=meta.get("grad_scaler_skipped_steps", 0),
-                    skipped_image_rows=set(meta.get("skipped_image_rows", [])))
 
 
 # ---------------------------------------------------------------- report

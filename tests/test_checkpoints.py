@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from sd_lora.config import Config, DatasetConfig, ModelConfig, OnFailure, TrainerConfig
 from sd_lora.data import CaptionedImages, EpochShuffle, build_dataloader, collate, load_table
 from sd_lora.errors import UserError
-from sd_lora.train import NonFiniteGuard, RunState
+from sd_lora.checkpoints import RunState
+from sd_lora.train import NonFiniteGuard
 
 STEPS = 12
 RUN = [

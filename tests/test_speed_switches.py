@@ -10,7 +10,7 @@ import torch
 from sd_lora.config import SdpKernel
 from sd_lora.devices import CpuBackend
 from sd_lora.model import sdp_kernel_order
-from sd_lora.train import Timer, scheduled_gc
+from sd_lora.timing import Timer, scheduled_gc
 
 
 class Cycle:

@@ -1,0 +1,164 @@
+"""Measuring the training step, and keeping it steady: per-step times, a profiler, scheduled garbage collection."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sd_lora.devices import Backend
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def scheduled_gc(every_n_steps: int | None):
+    """trainer.gc_every_n_steps: no automatic garbage collection inside the loop; yields a per-step callback.
+
+    Python collects when allocation counts cross its thresholds, at a moment no one picks: a pause of
+    milliseconds in the thread that feeds the accelerator, in a different step on each process, and a
+    synchronised step waits for the slowest process. Here the objects that live through the run are
+    frozen out of the collector's view, and a collection of the young generations runs at the same
+    optimizer step on every process (the scheme of torchtitan's `training.gc_freq`). The first step of
+    this process (torch.compile's compilation, when it is on) leaves a great many objects behind: they are
+    collected and frozen right after it, not in a timed step later.
+    """
+    if every_n_steps is None:
+        yield lambda step: None
+        return
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    first = True
+
+    def after_step(step: int) -> None:
+        nonlocal first
+        if first:
+            first = False
+            gc.collect()
+            gc.freeze()
+        elif step % every_n_steps == 0:
+            gc.collect(1)
+
+    try:
+        yield after_step
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
+class StepProfiler:
+    """trainer.profile_steps=N: torch.profiler over N optimizer steps that follow skip_steps (and one warm-up step).
+
+    Each process writes <run dir>/profile/rank<R>.trace.json (chrome://tracing, Perfetto) and rank<R>.txt,
+    its operators by self device time (CPU time on the CPU). The profiled steps run slower: read the speed
+    from a run without profiling.
+    """
+
+    def __init__(self, steps: int, skip_steps: int, backend: Backend, run_dir: Path, rank: int):
+        self.profiler = None
+        if steps <= 0:
+            return
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.out, self.rank = run_dir / "profile", rank
+        self.device_time = backend.name == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device_time else [])
+        self.profiler = profile(activities=activities, on_trace_ready=self._write,
+                                schedule=schedule(skip_first=max(skip_steps - 1, 0), wait=0, warmup=1, active=steps,
+                                                  repeat=1))
+        self.profiler.start()
+
+    def _write(self, prof) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.out / f"rank{self.rank}.trace.json"))
+        sort = "self_cuda_time_total" if self.device_time else "self_cpu_time_total"
+        (self.out / f"rank{self.rank}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=50) + "\n")
+        log.info("profile written to %s", self.out)
+
+    def step(self) -> None:
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def stop(self) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
+
+
+@dataclass
+class Timer:
+    """Time of the optimizer steps after the first `skip_steps` of this process.
+
+    Two measures: the mean, wall time over the timed steps with a device sync at both ends; and each step's
+    own time, from a mark the backend puts between steps (a timing event on a GPU, so no host sync per step),
+    read where the loop syncs anyway. The median of those is robust to the few slow steps (an epoch's
+    first batch, a logging step) that the mean carries. Also the time to the first optimizer step, which
+    holds torch.compile's compilation when it is on.
+    """
+
+    skip_steps: int
+    backend: Backend
+    steps: int = 0  # optimizer steps this process has done
+    start: float | None = None
+    end: float | None = None
+    loop_start: float = field(default_factory=time.perf_counter)
+    first_step_s: float | None = None
+    marks: list = field(default_factory=list)  # step marks not yet read
+    step_seconds: list = field(default_factory=list)  # each timed step's own time
+
+    def __post_init__(self):
+        if self.skip_steps == 0:
+            self.start = self.loop_start
+            self._mark()
+
+    def _mark(self) -> None:
+        mark = self.backend.step_mark()
+        if mark is not None:
+            self.marks.append(mark)
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == 1:
+            self.backend.synchronize()
+            self.first_step_s = time.perf_counter() - self.loop_start
+        if self.steps == self.skip_steps:
+            self.backend.synchronize()
+            self.start = time.perf_counter()
+        if self.steps >= self.skip_steps:
+            self._mark()
+
+    def read_marks(self) -> None:
+        """Turn the marks into step times; call where the device has been synchronised anyway."""
+        if len(self.marks) > 1:
+            self.step_seconds += [b.seconds_since(a) for a, b in zip(self.marks, self.marks[1:])]
+            del self.marks[:-1]
+
+    def stop(self) -> None:
+        self.backend.synchronize()
+        self.end = time.perf_counter()
+        self.read_marks()
+
+    @property
+    def timed_steps(self) -> int:
+        return max(0, self.steps - self.skip_steps) if self.start is not None else 0
+
+    def seconds_per_step(self) -> float | None:
+        if self.end is None or self.timed_steps == 0:
+            return None
+        return (self.end - self.start) / self.timed_steps
+
+    def step_stats(self) -> dict:
+        """Median, 90th percentile and max of the per-step times (None where not measured)."""
+        times = sorted(self.step_seconds)
+        if not times:
+            return {"median": None, "p90": None, "max": None}
+        return {"median": statistics.median(times), "p90": times[min(len(times) - 1, int(0.9 * len(times)))],
+                "max": times[-1]}
