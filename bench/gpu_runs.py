@@ -60,8 +60,11 @@ def finish(name: str, result, run_dir: Path, start: float, args) -> dict:
         (Path(args.out) / f"{name}-profile.txt").write_text(table.read_text())
     ALL[name] = report
     (Path(args.out) / "gpu_runs.json").write_text(json.dumps(ALL, indent=2))
-    print(f"{name}: {report['seconds_per_step']:.4f} s/step (median {report['seconds_per_step_median']:.4f}, "
-          f"p90 {report['seconds_per_step_p90']:.4f}, max {report['seconds_per_step_max']:.4f}), "
+    def s(key):  # a per-step time is None on a device without timing events
+        return "n/a" if report.get(key) is None else f"{report[key]:.4f}"
+
+    print(f"{name}: {report['seconds_per_step']:.4f} s/step (median {s('seconds_per_step_median')}, "
+          f"p90 {s('seconds_per_step_p90')}, max {s('seconds_per_step_max')}), "
           f"{report['samples_per_second']:.1f} samples/s, "
           f"peak {report['peak_memory_gib']:.2f} GiB, loss {report['final_loss']:.4f}, "
           f"{report['process_wall_s']:.0f} s", flush=True)

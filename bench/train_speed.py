@@ -252,7 +252,7 @@ def print_table(facts: dict, results: dict, batch: int) -> None:
     for name, r in results.items():
         s, mean = step_times(r)
         if "error" in r or not s:
-            rows.append(f"| {name} | failed | | | | | | |")
+            rows.append(f"| {name} | failed | | | | | |")
             continue
         peak = r.get("peak_memory_bytes")
         mfu = facts["unet_flops"] / s / (facts["matmul_tflops"] * 1e12) if facts.get("matmul_tflops") else None

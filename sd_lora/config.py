@@ -274,6 +274,11 @@ class TrainerConfig:
                "use 0 or more")
         _check(self.skip_steps >= 0, "trainer.skip_steps", self.skip_steps, "use 0 or more")
         _check(self.profile_steps >= 0, "trainer.profile_steps", self.profile_steps, "use 0 (off) or more")
+        if self.profile_steps and self.max_train_steps is not None:  # one warm-up step precedes the profiled ones
+            last = max(self.skip_steps, 1) + self.profile_steps
+            _check(last <= self.max_train_steps, "trainer.profile_steps", self.profile_steps,
+                   f"with trainer.skip_steps={self.skip_steps} it would profile up to optimizer step {last}, past "
+                   f"trainer.max_train_steps={self.max_train_steps}; lower trainer.profile_steps or trainer.skip_steps")
         _check(self.snr_gamma is None or self.snr_gamma > 0, "trainer.snr_gamma", self.snr_gamma,
                "use a positive gamma such as 5.0, or null to turn Min-SNR weighting off")
         _check(self.noise_offset >= 0, "trainer.noise_offset", self.noise_offset, "use 0 or more")

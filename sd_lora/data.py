@@ -17,6 +17,7 @@ was killed, whatever the number of worker processes.
 from __future__ import annotations
 
 import hashlib
+import gc
 import io
 import logging
 from pathlib import Path
@@ -299,4 +300,12 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_wor
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
+        worker_init_fn=_collect_garbage_in_worker if num_workers > 0 else None,
     )
+
+
+def _collect_garbage_in_worker(worker_id: int) -> None:
+    """Workers start at the first batch, inside the trainer's loop: where trainer.gc_every_n_steps has turned
+    automatic garbage collection off in the main process, a worker turns it back on for itself (nothing
+    there would ever collect otherwise)."""
+    gc.enable()

@@ -53,7 +53,12 @@ def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise
             continue
         caption = row[cfg_dataset.caption_column]
         if isinstance(caption, (list, tuple, np.ndarray)):  # the first caption, so that the loss stays fixed
-            caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
+            texts_in_cell = [c for c in caption if isinstance(c, str) and c.strip()]
+            if not texts_in_cell:
+                raise UserError(f"held-out data set row {index}: caption column {cfg_dataset.caption_column!r} holds "
+                                f"{[type(c).__name__ for c in caption][:5]}, no text; set dataset.caption_column to "
+                                "the text column")
+            caption = texts_in_cell[0]
         caption = pick_caption(caption, index, cfg_dataset.caption_column)
         pixels = train_transform(image, cfg_dataset.resolution, center_crop=True, random_flip=False)
         posterior = vae.encode(pixels[None].to(device, dtype=dtype)).latent_dist

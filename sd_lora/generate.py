@@ -96,7 +96,7 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
     resolution = cfg.resolution or trained["dataset"]["resolution"]
     generator = torch.Generator(device=backend.device(0)).manual_seed(cfg.seed)
     kernel = model_cfg.sdp_kernel if attention is Attention.sdp else SdpKernel.auto
-    with backend.autocast(None if dtype == torch.float32 else dtype), sdp_kernel_order(kernel):
+    with backend.autocast(None if dtype == torch.float32 else dtype), sdp_kernel_order(kernel, backend.device(0)):
         images = pipeline(cfg.prompt, negative_prompt=cfg.negative_prompt, num_images_per_prompt=cfg.num_images,
                           num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                           height=resolution, width=resolution, generator=generator).images

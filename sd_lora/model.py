@@ -82,23 +82,39 @@ def attention_processor(attention: Attention):
     return AttnProcessor2_0() if attention is Attention.sdp else AttnProcessor()
 
 
-def sdp_kernel_order(kernel: SdpKernel):
+def sdp_kernel_order(kernel: SdpKernel, device: torch.device | str = "cpu"):
     """A context in which scaled_dot_product_attention tries `kernel` first, then torch's others; auto: torch's order.
 
     A preference, not a demand: a kernel that cannot run a shape (or this device) falls back to the next.
     The order is process-wide (autograd's threads see it). CUDA's dispatch reads it; on the CPU (torch 2.13)
-    torch takes its CPU flash kernel whenever it can, whatever the order.
+    torch takes its CPU flash kernel whenever it can, whatever the order. On CUDA, torch sets its default
+    order at the first attention call of the process (cuDNN first on Hopper with a recent cuDNN) and
+    would overwrite an order set before that call: one tiny attention call on `device` comes first.
     """
     if kernel is SdpKernel.auto:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if torch.device(device).type == "cuda":
+        q = torch.zeros(1, 1, 8, 64, device=device, dtype=torch.float16)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
     first = {SdpKernel.flash: SDPBackend.FLASH_ATTENTION, SdpKernel.efficient: SDPBackend.EFFICIENT_ATTENTION,
              SdpKernel.cudnn: SDPBackend.CUDNN_ATTENTION, SdpKernel.math: SDPBackend.MATH}[kernel]
     # OVERRIDEABLE is the slot a device plug-in (PrivateUse1) fills with its own kernel: it stays enabled
     rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH,
             SDPBackend.OVERRIDEABLE]
     return sdpa_kernel([first, *(b for b in rest if b != first)], set_priority=True)
+
+
+def sdp_priority_order() -> list[str] | None:
+    """The order in which torch now tries the attention kernels (None where torch does not say)."""
+    from torch.nn.attention import SDPBackend
+
+    read = getattr(torch._C, "_get_sdp_priority_order", None)  # private: the public API only sets the order
+    if read is None:
+        return None
+    names = {b.value: name for name, b in SDPBackend.__members__.items()}
+    return [names.get(int(v), str(v)) for v in read()]
 
 
 def add_lora(unet: torch.nn.Module, attention: Attention, lora: LoraSettings) -> list[torch.nn.Parameter]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ def scheduled_gc(every_n_steps: int | None):
     frozen out of the collector's view, and a collection of the young generations runs at the same
     optimizer step on every process (the scheme of torchtitan's `training.gc_freq`). The first step of
     this process (torch.compile's compilation, when it is on) leaves a great many objects behind: they are
-    collected and frozen right after it, not in a timed step later.
+    collected and frozen right after it, so that with trainer.skip_steps >= 1 that long collection falls in
+    an untimed step (it still counts in the report's mean, which is wall time; not in any step's own time,
+    since it follows the step's mark).
     """
     if every_n_steps is None:
         yield lambda step: None
@@ -68,7 +71,8 @@ class StepProfiler:
             return
         from torch.profiler import ProfilerActivity, profile, schedule
 
-        self.out, self.rank = run_dir / "profile", rank
+        self.out, self.rank, self.written = run_dir / "profile", rank, False
+        self.last_step = max(skip_steps, 1) + steps  # the last optimizer step it covers
         self.device_time = backend.name == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device_time else [])
         self.profiler = profile(activities=activities, on_trace_ready=self._write,
@@ -77,6 +81,7 @@ class StepProfiler:
         self.profiler.start()
 
     def _write(self, prof) -> None:
+        self.written = True
         self.out.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.out / f"rank{self.rank}.trace.json"))
         sort = "self_cuda_time_total" if self.device_time else "self_cpu_time_total"
@@ -91,6 +96,9 @@ class StepProfiler:
         if self.profiler is not None:
             self.profiler.stop()
             self.profiler = None
+            if not self.written:
+                log.warning("trainer.profile_steps: the run ended before optimizer step %d, the last one to profile; "
+                            "nothing was written (lower trainer.profile_steps or trainer.skip_steps)", self.last_step)
 
 
 @dataclass
@@ -160,5 +168,5 @@ class Timer:
         times = sorted(self.step_seconds)
         if not times:
             return {"median": None, "p90": None, "max": None}
-        return {"median": statistics.median(times), "p90": times[min(len(times) - 1, int(0.9 * len(times)))],
-                "max": times[-1]}
+        # p90 by nearest rank: the smallest time that at least 90% of the steps do not exceed
+        return {"median": statistics.median(times), "p90": times[math.ceil(0.9 * len(times)) - 1], "max": times[-1]}

@@ -8,6 +8,7 @@ process only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ from sd_lora.config import Config, MixedPrecision, OnFailure, PredictionType, gl
 from sd_lora.data import CaptionedImages, build_dataloader, load_table, load_validation_table, sample_seed
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
-from sd_lora.model import add_lora, load_components, resolve_model_path, save_lora, sdp_kernel_order
+from sd_lora.model import (add_lora, load_components, resolve_model_path, save_lora, sdp_kernel_order,
+                           sdp_priority_order)
 from sd_lora.timing import StepProfiler, Timer, scheduled_gc
 
 log = logging.getLogger(__name__)
@@ -263,17 +265,24 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path):
 
 def train(cfg: Config, run_dir: Path | str) -> dict:
     """Train a LoRA as configured; write everything into `run_dir`; return the report."""
-    with sdp_kernel_order(cfg.model.sdp_kernel):  # training, validation loss and validation images alike
-        return _train(cfg, run_dir)
+    # process-wide switches a run sets are put back afterwards: the next job of an in-process sweep starts clean
+    benchmark = torch.backends.cudnn.benchmark  # trainer.kernel_autotune
+    try:
+        with contextlib.ExitStack() as scope:
+            return _train(cfg, run_dir, scope)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
 
 
-def _train(cfg: Config, run_dir: Path | str) -> dict:
+def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dict:
     from accelerate.utils import set_seed
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     backend, model_path, table, val_table = checks_before_work(cfg)
     accelerator = build_accelerator(cfg, backend, run_dir)
+    # training, validation loss and validation images alike, once the process's device is known
+    scope.enter_context(sdp_kernel_order(cfg.model.sdp_kernel, accelerator.device))
     fingerprint = run_fingerprint(cfg, model_path, table, accelerator.num_processes)
     resume_path = check_resume(cfg, run_dir, fingerprint)  # a checkpoint that does not fit stops here, before the weights
     if accelerator.is_main_process:
@@ -629,6 +638,12 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "model_path": str(model_path.resolve()),
         "attention": cfg.model.attention.value,
         "sdp_kernel": cfg.model.sdp_kernel.value,
+        "sdp_priority_order": sdp_priority_order(),  # as torch held it at the end of training
+        "switches": {"compile": cfg.trainer.compile, "compile_mode": cfg.trainer.compile_mode,
+                     "channels_last": cfg.trainer.channels_last, "kernel_autotune": cfg.trainer.kernel_autotune,
+                     "gc_every_n_steps": cfg.trainer.gc_every_n_steps, "allow_tf32": cfg.trainer.allow_tf32,
+                     "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
+                     "profile_steps": cfg.trainer.profile_steps},
         "lora_rank": cfg.model.lora.rank,
         "lora_alpha": cfg.model.lora.lora_alpha,
         "lora_path": str(lora_file),

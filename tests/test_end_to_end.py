@@ -65,6 +65,12 @@ def test_report_has_every_field(run_dir):
     assert 0 < report["seconds_per_step_median"] <= report["seconds_per_step_p90"] <= report["seconds_per_step_max"]
     assert report["seconds_per_step_max"] <= report["seconds_per_step"] * report["timed_steps"]
     assert report["samples_per_second_median"] == pytest.approx(4 / report["seconds_per_step_median"])
+    from sd_lora.model import sdp_priority_order
+
+    assert report["sdp_kernel"] == "auto" and report["sdp_priority_order"] == sdp_priority_order()  # torch's own
+    assert report["switches"] == {"compile": False, "compile_mode": None, "channels_last": False,
+                                  "kernel_autotune": False, "gc_every_n_steps": None, "allow_tf32": False,
+                                  "gradient_checkpointing": False, "profile_steps": 0}
     assert math.isfinite(report["final_loss"]) and report["peak_memory_bytes"] > 0
 
 
@@ -107,6 +113,8 @@ def test_speed_switches_do_not_change_what_is_trained(run_dir, tmp_path):
     assert "no convolution autotuning switch" in result.stdout + result.stderr  # said, not silently ignored
     report = json.loads((out / "report.json").read_text())
     assert report["sdp_kernel"] == "math" and report["global_step"] == 6
+    assert report["sdp_priority_order"][0] == "MATH"  # the order was in force while the run trained
+    assert report["switches"]["gc_every_n_steps"] == 2 and report["switches"]["kernel_autotune"] is True
     # torch's CPU dispatch takes its CPU flash kernel whatever the order (the order is read on CUDA), and
     # the other two switches change when work happens, not what: the weights match bit for bit
     name = "lora/pytorch_lora_weights.safetensors"

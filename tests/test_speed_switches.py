@@ -40,6 +40,14 @@ def test_timer_measures_each_step_after_skip_steps():
     assert timer.seconds_per_step() > stats["median"]
 
 
+def test_timer_p90_is_the_nearest_rank():
+    timer = Timer(skip_steps=0, backend=CpuBackend())
+    timer.step_seconds = [float(i) for i in range(1, 11)]  # ten steps of 1..10 s
+    assert timer.step_stats() == {"median": 5.5, "p90": 9.0, "max": 10.0}
+    timer.step_seconds = [float(i) for i in range(1, 41)]
+    assert timer.step_stats()["p90"] == 36.0
+
+
 def test_timer_reads_marks_in_pieces_without_losing_a_step():
     timer = Timer(skip_steps=0, backend=CpuBackend())
     for step in range(1, 8):
@@ -114,7 +122,45 @@ def test_sdp_kernel_order_puts_the_kernel_first_and_keeps_the_others(kernel, bac
     assert list(priority()) == before
 
 
-def test_sdp_kernel_auto_changes_nothing():
-    before = list(priority()) if priority else None
-    with sdp_kernel_order(SdpKernel.auto):
-        assert (list(priority()) if priority else None) == before
+def test_sdp_priority_order_names_torchs_order():
+    from sd_lora.model import sdp_priority_order
+
+    if priority is None:
+        assert sdp_priority_order() is None
+        return
+    before = sdp_priority_order()
+    assert len(before) == len(priority()) and "MATH" in before
+    with sdp_kernel_order(SdpKernel.efficient):
+        assert sdp_priority_order()[:2] == ["EFFICIENT_ATTENTION", "FLASH_ATTENTION"]
+    with sdp_kernel_order(SdpKernel.auto):  # nothing set
+        assert sdp_priority_order() == before
+
+
+class GcState(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return {"enabled": gc.isenabled(), "index": index}
+
+
+def test_loader_workers_collect_garbage_while_the_trainer_holds_it():
+    from sd_lora.data import build_dataloader
+
+    loader = build_dataloader(GcState(), batch_size=1, num_workers=1, seed=0,
+                              collate_fn=lambda items: items[0])
+    with scheduled_gc(10):
+        seen = [item["enabled"] for item in loader]  # the worker is forked here, with the collector off
+        assert not gc.isenabled()
+    assert seen == [True, True]
+
+
+def test_profile_steps_past_the_run_is_refused_before_work():
+    from sd_lora.config import TrainerConfig
+    from sd_lora.errors import UserError
+
+    with pytest.raises(UserError, match=r"trainer.profile_steps=5 is invalid: with trainer.skip_steps=2 it would "
+                                        r"profile up to optimizer step 7, past trainer.max_train_steps=6"):
+        TrainerConfig(max_train_steps=6, skip_steps=2, profile_steps=5)
+    assert TrainerConfig(max_train_steps=6, skip_steps=2, profile_steps=4).profile_steps == 4
+    assert TrainerConfig(max_train_steps=None, skip_steps=2, profile_steps=50).profile_steps == 50  # epochs: warned at the end
