@@ -266,12 +266,14 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path):
 def train(cfg: Config, run_dir: Path | str) -> dict:
     """Train a LoRA as configured; write everything into `run_dir`; return the report."""
     # process-wide switches a run sets are put back afterwards: the next job of an in-process sweep starts clean
-    benchmark = torch.backends.cudnn.benchmark  # trainer.kernel_autotune
+    flags = (torch.backends.cudnn.benchmark,  # trainer.kernel_autotune
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # trainer.allow_tf32
     try:
         with contextlib.ExitStack() as scope:
             return _train(cfg, run_dir, scope)
     finally:
-        torch.backends.cudnn.benchmark = benchmark
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = flags
 
 
 def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dict:
