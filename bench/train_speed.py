@@ -2,6 +2,10 @@
 
     python bench/train_speed.py --work /tmp/bench                      # SD 2.1 architecture, 768 px, batch 4, fp16
     python bench/train_speed.py --work /tmp/bench --tiny --device cpu  # smoke test of this script on a CPU
+    python bench/train_speed.py --work /tmp/bench --precompile --variants reference,throughput,throughput_gc,...
+
+--precompile compiles the trainer variants side by side before any timing (their first_step_s then shows
+a warm compile cache, and the compile time is printed once for all).
 
 Builds the SD 2.1-architecture pipeline with random weights (bench/sd21.py) and a synthetic captioned
 data set at the training resolution, then measures in this one process tree:
@@ -157,16 +161,37 @@ def reference_loop(model_path: Path, data: Path, args) -> dict:
             "peak_memory_bytes": peak, "first_step_s": times[0]}
 
 
-def framework_run(name: str, overrides: list[str], model_path: Path, data: Path, args) -> dict:
+def precompile(names: list[str], model_path: Path, data: Path, args) -> None:
+    """Run every trainer variant for 2 steps at once, so that each fills Inductor's on-disk cache with its
+    graphs while the others compile too; the timed runs after it find their graphs there. Cold compiles
+    of this U-Net take minutes each: in a row they would not fit one device call."""
+    start = time.perf_counter()
+    jobs = [(name, subprocess.Popen(trainer_command(f"precompile-{name}", [*VARIANTS[name], "trainer.max_train_steps=2",
+                                                                        "trainer.skip_steps=0"], model_path, data,
+                                                    args)[0],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            for name in names]
+    for name, proc in jobs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            print(f"precompile {name} failed (exit {proc.returncode}):\n{err[-1500:]}", flush=True)
+    print(f"precompiled {', '.join(names)} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def trainer_command(name: str, overrides: list[str], model_path: Path, data: Path, args) -> tuple[list[str], Path]:
     run_dir = Path(args.work) / "runs" / name
     precision = "fp16" if args.device == "cuda" else "fp32"
-    cmd = [sys.executable, str(ROOT / "launch.py"), f"device={args.device}", f"precision={precision}",
+    return [sys.executable, str(ROOT / "launch.py"), f"device={args.device}", f"precision={precision}",
            f"model.pretrained_model_name_or_path={model_path}", f"dataset.path={data}",
            f"dataset.resolution={args.resolution}", "dataset.center_crop=true", "dataset.random_flip=true",
            f"dataset.num_workers={args.workers}", f"trainer.train_batch_size={args.batch}",
            f"trainer.max_train_steps={args.steps}", f"trainer.skip_steps={args.skip}",
            "trainer.validation_prompts=[]", "trainer.checkpointing_steps=null",
-           f"dataset.cache_dir={Path(args.work) / 'cache'}", f"hydra.run.dir={run_dir}", *overrides]
+           f"dataset.cache_dir={Path(args.work) / 'cache'}", f"hydra.run.dir={run_dir}", *overrides], run_dir
+
+
+def framework_run(name: str, overrides: list[str], model_path: Path, data: Path, args) -> dict:
+    cmd, run_dir = trainer_command(name, overrides, model_path, data, args)
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     (args.out / f"{name}.log").write_text(result.stdout + result.stderr)
@@ -189,6 +214,8 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--variants", default="reference,nocache,throughput,memory")
+    parser.add_argument("--precompile", action="store_true",
+                        help="first run all trainer variants at once for 2 steps, filling Inductor's cache in parallel")
     parser.add_argument("--out", default=None, help="folder for results.json and the runs' logs (default: --work)")
     args = parser.parse_args()
     args.resolution = args.resolution or (64 if args.tiny else 768)
@@ -224,6 +251,8 @@ def main() -> None:
     torch.cuda.empty_cache() if args.device == "cuda" else None
     print(json.dumps(facts), flush=True)
 
+    if args.precompile:
+        precompile([n for n in args.variants.split(",") if n != "reference"], model_path, data, args)
     results = {}
     for name in args.variants.split(","):
         t = time.perf_counter()
