@@ -26,6 +26,7 @@ import torch
 from sd_lora.config import DatasetConfig, ModelConfig, OnFailure
 from sd_lora.data import _image_where, decode_image, sample_key, tokenize, train_transform
 from sd_lora.errors import UserError
+from sd_lora.files import as_umask_allows
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def load_or_build(path: Path, build) -> dict[str, torch.Tensor]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    as_umask_allows(tmp)  # a cache shared by a team (dataset.cache_dir on a shared file system)
     tmp.replace(path)
     log.info("cached latents and text embeddings of %d samples: %s", len(tensors["latent_mean"]), path)
     return tensors

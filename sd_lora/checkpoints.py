@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sd_lora.config import Config, global_batch_size
 from sd_lora.errors import UserError
+from sd_lora.files import as_umask_allows
 from sd_lora.model import lora_state_dict
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def register_checkpoint_hooks(accelerator, unet) -> None:
                 base = accelerator.unwrap_model(model, keep_torch_compile=False)
                 save_file({k: v.contiguous() for k, v in lora_state_dict(base).items()},
                           str(Path(output_dir) / "lora.safetensors"))
+                as_umask_allows(Path(output_dir) / "lora.safetensors")
         while weights:
             weights.pop()
 

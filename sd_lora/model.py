@@ -20,6 +20,7 @@ import torch
 
 from sd_lora.config import Attention, LoraSettings, ModelConfig, SdpKernel
 from sd_lora.errors import UserError
+from sd_lora.files import as_umask_allows
 from sd_lora.hub import download_command, resolve_local
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ def save_lora(unet: torch.nn.Module, out_dir: Path, metadata: dict[str, str] | N
     path = out_dir / LORA_WEIGHT_NAME
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=header)
+    as_umask_allows(tmp)  # safetensors alone makes it 0600: a LoRA is meant to be shared
     tmp.replace(path)
     return path
 

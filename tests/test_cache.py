@@ -424,6 +424,17 @@ def test_load_or_build_builds_once_then_reads_the_file(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_cache_file_permissions_follow_the_umask(tmp_path, umask, mode):
+    """safetensors alone writes 0600: a cache folder shared by a team would be unreadable to the others."""
+    previous = os.umask(umask)
+    try:
+        load_or_build(tmp_path / "abc.safetensors", small_tensors)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "abc.safetensors").stat().st_mode & 0o777 == mode
+
+
 def test_load_or_build_leaves_no_file_when_the_build_fails(tmp_path):
     path = tmp_path / "abc.safetensors"
 

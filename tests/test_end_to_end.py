@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -50,6 +51,15 @@ def test_run_directory_holds_every_output(run_dir):
     from PIL import Image
 
     assert Image.open(samples[0]).size == (64, 64)
+
+
+def test_lora_and_checkpoint_files_are_readable_as_the_umask_allows(run_dir):
+    """safetensors alone writes 0600; a LoRA on a shared file system is meant for the team."""
+    umask = os.umask(0)
+    os.umask(umask)  # the run inherited this process's umask
+    for path in (run_dir / "lora" / "pytorch_lora_weights.safetensors",
+                 run_dir / "checkpoints" / "checkpoint-6" / "lora.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
 def test_report_has_every_field(run_dir):
