@@ -10,6 +10,7 @@ compile; device.num_processes=N from one Hydra job. Efficiency = N-GPU samples/s
 from the mean step time and from the median of per-step times. --extra adds overrides (e.g. perf=throughput;
 trainer.profile_steps=5 also copies rank 0's operator table of each run to <out>/<run>-profile.txt).
 --concurrent N: N unrelated 1-GPU jobs at once, one per GPU: what sharing the host costs without all-reduce.
+--precompile (with --extra perf=throughput): compile the 1-GPU and the DDP graphs side by side first.
 Every run's report.json goes into <out>/gpu_runs.json; logs stay in <work>.
 """
 
@@ -71,6 +72,35 @@ def finish(name: str, result, run_dir: Path, start: float, args) -> dict:
     return report
 
 
+def overridden(base: list[str], extra: list[str]) -> list[str]:
+    """`base` with every key that `extra` sets taken out, then `extra`."""
+    keys = {x.split("=")[0] for x in extra}
+    return [x for x in base if x.split("=")[0] not in keys] + extra
+
+
+def precompile(counts: list[int], scaling: list[str], args) -> None:
+    """Fill Inductor's on-disk cache before any timed run, side by side: a 1-GPU job on GPU 0 and one
+    2-process job on GPUs 1 and 2 (0 and 1 on a 2-GPU machine; DDP splits the compiled graph at its
+    buckets, the same for every N > 1), 2 steps each. With trainer.compile off this only builds the
+    embedding cache."""
+    import torch
+
+    started, jobs = time.perf_counter(), []
+    plan = [(1, "0")] if 1 in counts else []
+    if max(counts) > 1:  # on two GPUs it shares GPU 0 with the 1-GPU job: compiling is the host's work
+        plan.append((2, "1,2" if torch.cuda.device_count() >= 3 else "0,1"))
+    for n, gpus in plan:
+        cmd, _ = command(f"precompile{n}", overridden(scaling, [f"device.num_processes={n}", "trainer.max_train_steps=2",
+                                                                "trainer.skip_steps=0"]), args)
+        jobs.append((n, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                         env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus})))
+    for n, proc in jobs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            print(f"precompile with {n} GPU(s) failed (exit {proc.returncode}):\n{err[-1500:]}", flush=True)
+    print(f"precompiled for {[n for n, _ in plan]} GPU(s) in {time.perf_counter() - started:.0f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/sd_lora_gpu")
@@ -80,6 +110,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--concurrent", type=int, default=0,
                         help="also run this many independent 1-GPU jobs at once, one per GPU, no DDP")
+    parser.add_argument("--precompile", action="store_true",
+                        help="fill Inductor's cache for the scaling runs side by side before timing them")
     parser.add_argument("--extra", default="", help="more overrides for the scaling runs, comma-separated")
     args = parser.parse_args()
     work = Path(args.work)
@@ -111,14 +143,15 @@ def main() -> None:
             print(f"| {name} | {r['seconds_per_step']:.4f} | {r['samples_per_second']:.1f} | "
                   f"{r['peak_memory_gib']:.2f} GiB | {r['final_loss']:.4f} (finite: {math.isfinite(r['final_loss'])}) |")
 
-    extra = [x for x in args.extra.split(",") if x]
-    scaling = ["precision=fp16", "model.attention=sdp", "perf=none", "dataset.cache=true", "dataset.drop_last=true",
-               "trainer.channels_last=true", "trainer.log_every_n_steps=10", f"trainer.max_train_steps={args.steps}",
-               "trainer.skip_steps=10"]
-    replaced = {x.split("=")[0] for x in extra}
-    scaling = [x for x in scaling if x.split("=")[0] not in replaced] + extra
+    scaling = overridden(["precision=fp16", "model.attention=sdp", "perf=none", "dataset.cache=true",
+                          "dataset.drop_last=true", "trainer.channels_last=true", "trainer.log_every_n_steps=10",
+                          f"trainer.max_train_steps={args.steps}", "trainer.skip_steps=10"],
+                         [x for x in args.extra.split(",") if x])
+    counts = [int(x) for x in args.scaling.split(",") if x]
+    if args.precompile and counts:
+        precompile(counts, scaling, args)
     results = {}
-    for n in [int(x) for x in args.scaling.split(",") if x]:
+    for n in counts:
         results[n] = launch(f"gpus{n}", [*scaling, f"device.num_processes={n}"], args)
     if args.concurrent:  # N unrelated 1-GPU jobs at once: what sharing the machine costs without any all-reduce
         started = time.perf_counter()
