@@ -47,6 +47,7 @@ VARIANTS = {
     "throughput_flash": ["perf=throughput", "model.sdp_kernel=flash"],
     "throughput_autotune": ["perf=throughput", "trainer.kernel_autotune=true"],
     "throughput_gc": ["perf=throughput", "trainer.gc_every_n_steps=50"],
+    "nocache_encoders": ["perf=throughput", "dataset.cache=false", "trainer.compile_encoders=true"],
     "throughput_cudagraphs": ["perf=throughput", "trainer.compile_mode=reduce-overhead"],
     "eager": ["perf=none"],  # the framework with no levers at all
 }

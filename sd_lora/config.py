@@ -256,6 +256,7 @@ class TrainerConfig:
     gc_every_n_steps: Optional[int] = None  # Python's garbage collector off in the loop, one collection every N steps on every process alike (null: Python's automatic collection)
     channels_last: bool = False  # U-Net weights and activations in NHWC memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the U-Net (through accelerate); its time shows in the report's first_step_s
+    compile_encoders: bool = False  # dataset.cache=false: also torch.compile the VAE encoder, which then runs every step
     compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs
     on_nonfinite_loss: OnFailure = OnFailure.error  # NaN/Inf loss or gradient norm: error (stop; checkpoints stay good) or skip the optimizer step (one host sync per step)
 

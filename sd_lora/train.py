@@ -222,8 +222,9 @@ def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
     """Everything a user can get wrong, checked before any weights are loaded."""
     backend = build_backend(cfg.device.type.value, transfer_to_gcu=cfg.device.transfer_to_gcu)
     backend.check(cfg.precision.mixed_precision.value)
-    if cfg.trainer.compile and not backend.capabilities().compile:
-        raise UserError(f"trainer.compile=true is not supported on device={backend.name}; set trainer.compile=false")
+    for key in ("compile", "compile_encoders"):
+        if getattr(cfg.trainer, key) and not backend.capabilities().compile:
+            raise UserError(f"trainer.{key}=true is not supported on device={backend.name}; set trainer.{key}=false")
     per_machine = cfg.device.num_processes // cfg.device.num_machines
     if "LOCAL_WORLD_SIZE" in os.environ:  # under accelerate launch / torchrun the launcher's count rules
         per_machine = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -302,6 +303,13 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
     comps = load_components(cfg.model, model_path, dtype=weight_dtype)
     for module in (comps.unet, comps.vae, comps.text_encoder):
         module.to(accelerator.device)
+    if cfg.trainer.compile_encoders:
+        if cfg.dataset.cache:
+            log.info("trainer.compile_encoders: dataset.cache=true, the VAE encoder does not run in the steps; "
+                     "left uncompiled")
+        else:  # a third of the reference step's FLOPs is this encode (../shared/performance.md)
+            comps.vae.encoder = torch.compile(comps.vae.encoder, mode=cfg.trainer.compile_mode)
+            log.info("trainer.compile_encoders: the VAE encoder is compiled (mode %s)", cfg.trainer.compile_mode)
     lora_params = add_lora(comps.unet, cfg.model.attention, cfg.model.lora)
     if cfg.trainer.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
@@ -642,6 +650,7 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "sdp_kernel": cfg.model.sdp_kernel.value,
         "sdp_priority_order": sdp_priority_order(),  # as torch held it at the end of training
         "switches": {"compile": cfg.trainer.compile, "compile_mode": cfg.trainer.compile_mode,
+                     "compile_encoders": cfg.trainer.compile_encoders and not cfg.dataset.cache,
                      "channels_last": cfg.trainer.channels_last, "kernel_autotune": cfg.trainer.kernel_autotune,
                      "gc_every_n_steps": cfg.trainer.gc_every_n_steps, "allow_tf32": cfg.trainer.allow_tf32,
                      "gradient_checkpointing": cfg.trainer.gradient_checkpointing,

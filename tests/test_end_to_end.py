@@ -78,7 +78,8 @@ def test_report_has_every_field(run_dir):
     from sd_lora.model import sdp_priority_order
 
     assert report["sdp_kernel"] == "auto" and report["sdp_priority_order"] == sdp_priority_order()  # torch's own
-    assert report["switches"] == {"compile": False, "compile_mode": None, "channels_last": False,
+    assert report["switches"] == {"compile": False, "compile_mode": None, "compile_encoders": False,
+                                  "channels_last": False,
                                   "kernel_autotune": False, "gc_every_n_steps": None, "allow_tf32": False,
                                   "gradient_checkpointing": False, "profile_steps": 0}
     assert math.isfinite(report["final_loss"]) and report["peak_memory_bytes"] > 0
@@ -232,3 +233,21 @@ def test_profile_steps_writes_a_trace_and_a_table(tmp_path):
     table = (out / "profile" / "rank0.txt").read_text()
     assert "aten::" in table and "Self CPU" in table
     assert json.loads((out / "report.json").read_text())["global_step"] == 6  # profiling did not cut the run
+
+
+def test_compiled_vae_encoder_trains_the_same_lora(run_dir, tmp_path):
+    """trainer.compile_encoders compiles the VAE encoder that runs every step (no cache here): a fused
+    kernel may round differently, so the LoRA matches the eager run's within float tolerance."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "encoders"
+    result = run_launch(*TRAIN, "trainer.compile_encoders=true", "trainer.validation_prompts=[]",
+                        f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["switches"]["compile_encoders"] is True and not report["cache"]
+    assert "the VAE encoder is compiled" in result.stdout + result.stderr
+    name = "lora/pytorch_lora_weights.safetensors"
+    base, compiled = load_file(run_dir / name), load_file(out / name)
+    for key in base:
+        torch.testing.assert_close(compiled[key], base[key], rtol=1e-3, atol=1e-5)
