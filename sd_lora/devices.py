@@ -59,6 +59,18 @@ class EventMark:
         return earlier.event.elapsed_time(self.event) / 1000.0
 
 
+@contextlib.contextmanager
+def kernel_flags_kept():
+    """Put back the process-wide kernel switches a run may set (trainer.kernel_autotune: cudnn.benchmark;
+    trainer.allow_tf32: the TF32 flags), so that the next job of an in-process sweep starts clean."""
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = flags
+
+
 @dataclass(frozen=True)
 class Capabilities:
     bf16: bool  # bf16 autocast and storage are supported

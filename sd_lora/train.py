@@ -25,7 +25,7 @@ from sd_lora.checkpoints import (RunState, check_resume, list_checkpoints, regis
                                   run_fingerprint, save_checkpoint)
 from sd_lora.config import Config, MixedPrecision, OnFailure, PredictionType, global_batch_size
 from sd_lora.data import CaptionedImages, build_dataloader, load_table, load_validation_table, sample_seed
-from sd_lora.devices import Backend, build_backend
+from sd_lora.devices import Backend, build_backend, kernel_flags_kept
 from sd_lora.errors import UserError
 from sd_lora.model import (add_lora, load_components, resolve_model_path, save_lora, sdp_kernel_order,
                            sdp_priority_order)
@@ -267,14 +267,8 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path):
 def train(cfg: Config, run_dir: Path | str) -> dict:
     """Train a LoRA as configured; write everything into `run_dir`; return the report."""
     # process-wide switches a run sets are put back afterwards: the next job of an in-process sweep starts clean
-    flags = (torch.backends.cudnn.benchmark,  # trainer.kernel_autotune
-             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # trainer.allow_tf32
-    try:
-        with contextlib.ExitStack() as scope:
-            return _train(cfg, run_dir, scope)
-    finally:
-        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.allow_tf32) = flags
+    with kernel_flags_kept(), contextlib.ExitStack() as scope:
+        return _train(cfg, run_dir, scope)
 
 
 def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dict:

@@ -86,6 +86,38 @@ def test_gcu_backend_calls_the_documented_torch_gcu_functions(fake_gcu):
     assert backend.needs_grad_scaler(torch.float16) and not backend.needs_grad_scaler(torch.bfloat16)
 
 
+def test_gcu_step_marks_only_where_torch_gcu_has_events(fake_gcu):
+    """torch.gcu.Event is not among the calls gcu.md documents: per-step times exist only if it does."""
+    from sd_lora.devices import EventMark
+
+    gcu, _ = fake_gcu()
+    assert GcuBackend(transfer_to_gcu=True).step_mark() is None
+
+    class Event:  # what torch.cuda.Event offers, as a torch_gcu that has one would
+        def __init__(self, enable_timing=False):
+            self.enable_timing, self.recorded = enable_timing, False
+
+        def record(self):
+            self.recorded = True
+
+    gcu.Event = Event
+    mark = GcuBackend(transfer_to_gcu=True).step_mark()
+    assert isinstance(mark, EventMark) and mark.event.enable_timing and mark.event.recorded
+
+
+def test_kernel_flags_are_put_back_after_a_run():
+    from sd_lora.devices import kernel_flags_kept
+
+    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+    with pytest.raises(RuntimeError):
+        with kernel_flags_kept():
+            CudaBackend().enable_kernel_autotune()  # flags only: no GPU needed to set them
+            CudaBackend().enable_tf32()
+            assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+            raise RuntimeError("a failed run")
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == before
+
+
 def test_gcu_transfer_to_gcu_is_imported_when_enabled(fake_gcu):
     """API contract: the opt-in route imports torch_gcu.transfer_to_gcu (the documented redirect)."""
     _, transfer = fake_gcu()
