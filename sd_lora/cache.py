@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ import torch
 from sd_lora.config import DatasetConfig, ModelConfig, OnFailure
 from sd_lora.data import _image_where, decode_image, sample_key, tokenize, train_transform
 from sd_lora.errors import UserError
-from sd_lora.files import as_umask_allows
+from sd_lora.files import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +126,14 @@ def compute_embeddings(table, cfg: DatasetConfig, tokenizer, vae, text_encoder, 
 
 def load_or_build(path: Path, build) -> dict[str, torch.Tensor]:
     """Read the cache file at `path`, or build it with `build()` and write it atomically."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if path.is_file():
         log.info("using cached latents and text embeddings: %s", path)
         return load_file(str(path))
     tensors = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    as_umask_allows(tmp)  # a cache shared by a team (dataset.cache_dir on a shared file system)
-    tmp.replace(path)
+    save_safetensors(tensors, path)  # a cache shared by a team (dataset.cache_dir on a shared file system)
     log.info("cached latents and text embeddings of %d samples: %s", len(tensors["latent_mean"]), path)
     return tensors
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sd_lora.config import Config, global_batch_size
 from sd_lora.errors import UserError
-from sd_lora.files import as_umask_allows
+from sd_lora.files import save_safetensors
 from sd_lora.model import lora_state_dict
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ class RunState:
     last_loss: float | None = None
     validation_loss: float | None = None
     validation_loss_step: int | None = None
-    validations: list = field(default_factory=list)
     # kept in each checkpoint, so that a resumed run reports them for the whole run
     nonfinite_skipped_steps: int = 0  # steps left out for a NaN/Inf loss (trainer.on_nonfinite_loss=skip)
     grad_scaler_skipped_steps: int = 0  # fp16: steps the grad scaler skipped on an overflow (normal, not an error)
@@ -50,15 +49,13 @@ def register_checkpoint_hooks(accelerator, unet) -> None:
     """Checkpoints hold the LoRA weights only (not the frozen 3 GB U-Net), plus optimizer/scheduler/RNG."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
                 base = accelerator.unwrap_model(model, keep_torch_compile=False)
-                save_file({k: v.contiguous() for k, v in lora_state_dict(base).items()},
-                          str(Path(output_dir) / "lora.safetensors"))
-                as_umask_allows(Path(output_dir) / "lora.safetensors")
+                save_safetensors(lora_state_dict(base), Path(output_dir) / "lora.safetensors")
         while weights:
             weights.pop()
 

@@ -33,15 +33,33 @@ from sd_lora.hub import resolve_local
 log = logging.getLogger(__name__)
 
 
+def load_tables(cfg: DatasetConfig, seed: int = 0, validation_seed: int = 0):
+    """(training rows, held-out rows or None), with the split read and divided once; see the two below."""
+    train, held_out = _divided(cfg, validation_seed)
+    if cfg.validation_source:
+        held_out = _read_split(cfg, cfg.validation_source)
+    return _training_rows(train, cfg, seed), _held_out_rows(held_out, cfg)
+
+
 def load_table(cfg: DatasetConfig, seed: int = 0, validation_seed: int = 0):
     """The training rows as a `datasets.Dataset`, columns checked, images left undecoded.
 
     With `dataset.validation_split` > 0 that fraction of the split is held out (by `validation_seed`,
     the same in every job of a sweep) and never trained on; `load_validation_table` returns it.
     """
+    return _training_rows(_divided(cfg, validation_seed)[0], cfg, seed)
+
+
+def _divided(cfg: DatasetConfig, validation_seed: int):
+    """The split, as (rows to train on, rows held out by `dataset.validation_split` or None)."""
     table = _read_split(cfg, cfg.split)
-    if cfg.validation_split:
-        table = table.train_test_split(test_size=cfg.validation_split, seed=validation_seed)["train"]
+    if not cfg.validation_split:
+        return table, None
+    parts = table.train_test_split(test_size=cfg.validation_split, seed=validation_seed)
+    return parts["train"], parts["test"]
+
+
+def _training_rows(table, cfg: DatasetConfig, seed: int):
     if cfg.max_train_samples is not None:
         table = table.shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(table))))
     check_captions(table, cfg)
@@ -72,11 +90,14 @@ def check_captions(table, cfg: DatasetConfig, what: str = "training") -> None:
 def load_validation_table(cfg: DatasetConfig, validation_seed: int = 0):
     """The held-out rows (`dataset.validation_split` of the split, or the split `dataset.validation_source`)."""
     if cfg.validation_source:
-        table = _read_split(cfg, cfg.validation_source)
-    elif cfg.validation_split:
-        table = _read_split(cfg, cfg.split).train_test_split(test_size=cfg.validation_split,
-                                                             seed=validation_seed)["test"]
-    else:
+        return _held_out_rows(_read_split(cfg, cfg.validation_source), cfg)
+    if not cfg.validation_split:
+        return None
+    return _held_out_rows(_divided(cfg, validation_seed)[1], cfg)
+
+
+def _held_out_rows(table, cfg: DatasetConfig):
+    if table is None:
         return None
     if cfg.max_validation_samples is not None:
         table = table.select(range(min(cfg.max_validation_samples, len(table))))

@@ -20,7 +20,7 @@ import torch
 
 from sd_lora.config import Attention, LoraSettings, ModelConfig, SdpKernel
 from sd_lora.errors import UserError
-from sd_lora.files import as_umask_allows
+from sd_lora.files import save_safetensors
 from sd_lora.hub import download_command, resolve_local
 
 log = logging.getLogger(__name__)
@@ -161,19 +161,12 @@ def save_lora(unet: torch.nn.Module, out_dir: Path, metadata: dict[str, str] | N
     because diffusers cannot add our own header entries (the run config).
     """
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
     adapter = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config["default"].to_dict().items()}
     header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, indent=2, sort_keys=True, default=str)}
     header.update(metadata or {})
-    path = out_dir / LORA_WEIGHT_NAME
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    as_umask_allows(tmp)  # safetensors alone makes it 0600: a LoRA is meant to be shared
-    tmp.replace(path)
-    return path
+    return save_safetensors(tensors, out_dir / LORA_WEIGHT_NAME, metadata=header)
 
 
 def read_lora_metadata(path: Path) -> dict:

@@ -170,9 +170,9 @@ def objective(report: dict) -> float:
 
 
 def record_failure(run_dir: str, exc: BaseException) -> None:
-    from sd_lora.errors import user_message
+    from sd_lora.errors import UserError, user_message
 
-    message = user_message(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    message = user_message(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "failure.json").write_text(json.dumps({"error": message.removeprefix("error: ")}, indent=2))
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from sd_lora.checkpoints import (RunState, check_resume, list_checkpoints, register_checkpoint_hooks, resume,
                                   run_fingerprint, save_checkpoint)
 from sd_lora.config import Config, MixedPrecision, OnFailure, PredictionType, global_batch_size
-from sd_lora.data import CaptionedImages, build_dataloader, load_table, load_validation_table, sample_seed
+from sd_lora.data import CaptionedImages, build_dataloader, load_tables, sample_seed
 from sd_lora.devices import Backend, build_backend, kernel_flags_kept
 from sd_lora.errors import UserError
 from sd_lora.model import (add_lora, load_components, resolve_model_path, save_lora, sdp_kernel_order,
@@ -173,8 +173,11 @@ class NonFiniteGuard:
         self.scaler_skips.zero_()
         return count
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        self.bad |= ~torch.isfinite(loss.detach())
+    def add_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Note a micro-batch's loss; return whether it is finite (on the device)."""
+        finite = torch.isfinite(loss.detach())
+        self.bad |= ~finite
+        return finite
 
     def skip_step(self, state: RunState, grad_norm: torch.Tensor | None) -> bool:
         """At the end of optimizer step state.global_step + 1: whether to leave its update out."""
@@ -235,8 +238,7 @@ def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
             f"{os.environ.get(backend.visible_devices_env or '', 'unset')}); lower device.num_processes"
         )
     model_path = resolve_model_path(cfg.model)
-    table = load_table(cfg.dataset, seed=cfg.trainer.seed, validation_seed=cfg.trainer.validation_loss_seed)
-    val_table = load_validation_table(cfg.dataset, validation_seed=cfg.trainer.validation_loss_seed)
+    table, val_table = load_tables(cfg.dataset, seed=cfg.trainer.seed, validation_seed=cfg.trainer.validation_loss_seed)
     if cfg.trainer.validation_loss_steps and val_table is None:
         raise UserError(f"trainer.validation_loss_steps={cfg.trainer.validation_loss_steps} needs held-out data: set "
                         "dataset.validation_split (e.g. 0.1) or dataset.validation_source")
@@ -275,6 +277,7 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
     from accelerate.utils import set_seed
 
     t0 = time.perf_counter()
+    graphs_before = compiled_graphs()
     run_dir = Path(run_dir)
     backend, model_path, table, val_table = checks_before_work(cfg)
     accelerator = build_accelerator(cfg, backend, run_dir)
@@ -290,7 +293,9 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
     backend.manual_seed_all(cfg.trainer.seed)
     if cfg.trainer.allow_tf32:
         backend.enable_tf32()
-    if cfg.trainer.kernel_autotune and not backend.enable_kernel_autotune():
+    applied = {"kernel_autotune": bool(cfg.trainer.kernel_autotune and backend.enable_kernel_autotune()),
+               "compile_encoders": False}  # what the report says the run had, not what was asked
+    if cfg.trainer.kernel_autotune and not applied["kernel_autotune"]:
         log.info("trainer.kernel_autotune: device=%s has no convolution autotuning switch; left as it is", backend.name)
 
     weight_dtype = WEIGHT_DTYPES[cfg.precision.mixed_precision]
@@ -303,6 +308,7 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
                      "left uncompiled")
         else:  # a third of the reference step's FLOPs is this encode (../shared/performance.md)
             comps.vae.encoder = torch.compile(comps.vae.encoder, mode=cfg.trainer.compile_mode)
+            applied["compile_encoders"] = True
             log.info("trainer.compile_encoders: the VAE encoder is compiled (mode %s)", cfg.trainer.compile_mode)
     lora_params = add_lora(comps.unet, cfg.model.attention, cfg.model.lora)
     if cfg.trainer.gradient_checkpointing:
@@ -365,7 +371,7 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
         base = accelerator.unwrap_model(unet, keep_torch_compile=False)
         lora_file = save_lora(base, run_dir / "lora", metadata={"sd_lora_config": config_json(cfg)})
         report = build_report(cfg, accelerator, backend, model_path, state, timer, max_train_steps, lora_file,
-                              time.perf_counter() - t0)
+                              time.perf_counter() - t0, applied, compiled_graphs() - graphs_before)
         (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         log.info("done: LoRA %s, report %s", lora_file, run_dir / "report.json")
     accelerator.end_training()
@@ -468,7 +474,7 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
                 gens = sample_generators(batch["index"], t.seed, epoch, accelerator.device)
                 loss = train_step(models, batch, t.noise_offset, t.snr_gamma, gens)
                 accelerator.backward(loss)
-                state.guard.add_loss(loss)
+                finite = state.guard.add_loss(loss)
                 withhold = False
                 if accelerator.sync_gradients:
                     grad_norm = clip_gradients(accelerator, lora_params, cfg.optimizer.max_grad_norm)
@@ -480,7 +486,6 @@ def run_loop(cfg, accelerator, backend, models, lora_params, optimizer, lr_sched
                 lr_scheduler.step()  # also after a withheld step: the schedule follows the step count
                 optimizer.zero_grad(set_to_none=True)
             state.skipped_image_rows.update(batch.get("skipped_rows", ()))
-            finite = torch.isfinite(loss.detach())
             loss_sum += torch.where(finite, loss.detach(), 0.0)
             loss_count += finite
             if not accelerator.sync_gradients:
@@ -602,8 +607,15 @@ def _dist_backend() -> str | None:
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (a count dynamo keeps)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, state: RunState, timer: Timer,
-                 max_train_steps: int, lora_file: Path, wall_time: float) -> dict:
+                 max_train_steps: int, lora_file: Path, wall_time: float, applied: dict, graphs: int) -> dict:
     seconds_per_step = timer.seconds_per_step()
     stats = timer.step_stats()
     global_batch = global_batch_size(cfg, accelerator.num_processes)
@@ -643,19 +655,18 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "attention": cfg.model.attention.value,
         "sdp_kernel": cfg.model.sdp_kernel.value,
         "sdp_priority_order": sdp_priority_order(),  # as torch held it at the end of training
+        # the speed switches: as configured, and as applied where the device or the data can refuse them
         "switches": {"compile": cfg.trainer.compile, "compile_mode": cfg.trainer.compile_mode,
-                     "compile_encoders": cfg.trainer.compile_encoders and not cfg.dataset.cache,
-                     "channels_last": cfg.trainer.channels_last, "kernel_autotune": cfg.trainer.kernel_autotune,
+                     "compile_encoders": applied["compile_encoders"],
+                     "channels_last": cfg.trainer.channels_last, "kernel_autotune": applied["kernel_autotune"],
                      "gc_every_n_steps": cfg.trainer.gc_every_n_steps, "allow_tf32": cfg.trainer.allow_tf32,
                      "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
                      "profile_steps": cfg.trainer.profile_steps},
+        "compiled_graphs": graphs,  # by torch.compile during this run
         "lora_rank": cfg.model.lora.rank,
         "lora_alpha": cfg.model.lora.lora_alpha,
         "lora_path": str(lora_file),
         "cache": cfg.dataset.cache,
-        "compile": cfg.trainer.compile,
-        "channels_last": cfg.trainer.channels_last,
-        "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
         "seed": cfg.trainer.seed,
         # how the run went (kept across a resume); provenance.json says how it was made
         "resumed_from": state.resumed_from,

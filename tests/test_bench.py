@@ -19,4 +19,4 @@ def test_train_speed_runs_the_reference_loop_and_the_trainer(tmp_path):
     results = json.loads((out / "results.json").read_text())["results"]
     assert results["eager"]["timed_steps"] == 3 and results["eager"]["seconds_per_step_median"] > 0
     reference = results["reference"]
-    assert 0 < reference["step_only_median_s"] <= reference["seconds_per_step"]  # the batch wait only adds
+    assert reference["step_only_median_s"] > 0 and f"{reference['step_only_median_s']:.4f} s/step median" in result.stdout

@@ -24,15 +24,13 @@ from conftest import run_launch
 import sd_lora
 import sd_lora.data
 from sd_lora.cache import CachedEmbeddings, cache_key, collate_cached, compute_embeddings, load_or_build
-from sd_lora.config import DatasetConfig, ModelConfig
+from sd_lora.config import DatasetConfig, ModelConfig, OnFailure
 from sd_lora.data import CaptionedImages, collate, load_table, tokenize, train_transform
 from sd_lora.errors import UserError
 from sd_lora.model import load_components, resolve_model_path
 from sd_lora.train import StepModels, sample_generators, train_step
 
 SHAPES = Path(sd_lora.__file__).parent / "assets" / "shapes"
-HAS_ON_BAD_IMAGE = any(f.name == "on_bad_image" for f in dataclasses.fields(DatasetConfig))
-HAS_SAMPLE_KEYS = hasattr(sd_lora.data, "sample_key")  # data sets take (seed, epoch, index) keys
 FP32 = dict(rtol=1e-4, atol=1e-5)  # batched vs one-at-a-time fp32 convolutions
 
 # (width, height) of the rows of the non-square imagefolder: wide without resize, tall with resize,
@@ -246,9 +244,7 @@ def test_nonsquare_image_without_centre_crop_names_row_and_fix(comps, tmp_path):
     assert not cache_file.exists()
 
 
-@pytest.mark.skipif(not HAS_ON_BAD_IMAGE, reason="no dataset.on_bad_image here")
 def test_skipped_undecodable_row_keeps_the_other_rows_aligned(comps, tmp_path):
-    from sd_lora.config import OnFailure
 
     folder = write_imagefolder(tmp_path / "data", sizes=[(40, 32), (32, 32), (32, 48), (36, 36), (48, 40)])
     (folder / "01.png").write_bytes(b"not a png")
@@ -309,10 +305,8 @@ def test_cache_key_changes_with_every_setting_it_depends_on(tmp_path, tiny_model
         "image column": key(dcfg=shapes_cfg(image_column="picture")),
         "rows picked by another seed": key(table=load_table(shapes_cfg(), seed=1)),
     }
-    if HAS_ON_BAD_IMAGE:  # a cache without the undecodable rows must not serve a run that stops on them
-        from sd_lora.config import OnFailure
-
-        changed["on_bad_image=skip"] = key(dcfg=shapes_cfg(on_bad_image=OnFailure.skip))
+    # a cache without the undecodable rows must not serve a run that stops on them
+    changed["on_bad_image=skip"] = key(dcfg=shapes_cfg(on_bad_image=OnFailure.skip))
     same = [name for name, k in changed.items() if k == base]
     assert not same, f"cache key unchanged when these change: {same}"
 
@@ -564,7 +558,6 @@ def test_train_step_loss_is_the_same_with_and_without_the_cache(comps, shapes_ta
     assert not torch.allclose(loss(shuffled), without_cache, rtol=1e-3)
 
 
-@pytest.mark.skipif(not HAS_SAMPLE_KEYS, reason="flips come from torch's global RNG here")
 def test_flipped_views_and_loss_match_the_uncached_transform(comps, shapes_table, shapes_cache):
     """With a sample's (seed, epoch, index) key the cache picks the view the uncached transform flips to."""
     cfg = shapes_cfg()  # random_flip=true

@@ -376,3 +376,14 @@ def test_bundled_shapes_match_generator(tmp_path):
             assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))), name
     assert (SHAPES / "metadata.jsonl").read_text().splitlines() == \
         (regenerated / "metadata.jsonl").read_text().splitlines()
+
+
+def test_load_tables_reads_once_what_the_two_loaders_give():
+    from sd_lora.data import load_tables, load_validation_table
+
+    cfg = DatasetConfig(path=str(SHAPES), resolution=64, validation_split=0.2, max_train_samples=50)
+    train, held_out = load_tables(cfg, seed=3, validation_seed=5)
+    assert train["text"] == load_table(cfg, seed=3, validation_seed=5)["text"]
+    assert held_out["text"] == load_validation_table(cfg, validation_seed=5)["text"]
+    assert len(train) == 50 and len(held_out) == 18  # 20% of 90 held out, never trained on
+    assert load_tables(DatasetConfig(path=str(SHAPES)))[1] is None
