@@ -8,7 +8,8 @@ backends under both precisions must finish with a finite loss; prints s/step and
 --scaling: 768 px, batch 4 per GPU, fp16, sdp, cached latents and text embeddings, channels_last, no
 compile; device.num_processes=N from one Hydra job. Efficiency = N-GPU samples/s / (N x 1-GPU samples/s),
 from the mean step time and from the median of per-step times. --extra adds overrides (e.g. perf=throughput;
-trainer.profile_steps=5 also copies rank 0's operator table of each run to <out>/<run>-profile.txt).
+trainer.profile_steps=5 also copies rank 0's operator table and busy-time summary of each run to
+<out>/<run>-profile.txt and .summary.txt).
 --concurrent N: N unrelated 1-GPU jobs at once, one per GPU: what sharing the host costs without all-reduce.
 --precompile (with --extra perf=throughput): compile the 1-GPU and the DDP graphs side by side first.
 Every run's report.json goes into <out>/gpu_runs.json; logs stay in <work>.
@@ -56,9 +57,10 @@ def finish(name: str, result, run_dir: Path, start: float, args) -> dict:
         return {"error": result.stderr[-300:]}
     report = json.loads((run_dir / "report.json").read_text())
     report["process_wall_s"] = time.perf_counter() - start
-    table = run_dir / "profile" / "rank0.txt"  # with --extra trainer.profile_steps=N
-    if table.is_file():
-        (Path(args.out) / f"{name}-profile.txt").write_text(table.read_text())
+    for kind in ("txt", "summary.txt"):  # with --extra trainer.profile_steps=N
+        table = run_dir / "profile" / f"rank0.{kind}"
+        if table.is_file():
+            (Path(args.out) / f"{name}-profile.{kind}").write_text(table.read_text())
     ALL[name] = report
     (Path(args.out) / "gpu_runs.json").write_text(json.dumps(ALL, indent=2))
     def s(key):  # a per-step time is None on a device without timing events
@@ -91,7 +93,7 @@ def precompile(counts: list[int], scaling: list[str], args) -> None:
         plan.append((2, "1,2" if torch.cuda.device_count() >= 3 else "0,1"))
     for n, gpus in plan:
         cmd, _ = command(f"precompile{n}", overridden(scaling, [f"device.num_processes={n}", "trainer.max_train_steps=2",
-                                                                "trainer.skip_steps=0"]), args)
+                                                                "trainer.skip_steps=0", "trainer.profile_steps=0"]), args)
         jobs.append((n, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                          env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus})))
     for n, proc in jobs:

@@ -3,9 +3,11 @@
     python bench/train_speed.py --work /tmp/bench                      # SD 2.1 architecture, 768 px, batch 4, fp16
     python bench/train_speed.py --work /tmp/bench --tiny --device cpu  # smoke test of this script on a CPU
     python bench/train_speed.py --work /tmp/bench --precompile --variants reference,throughput,throughput_gc,...
+    python bench/train_speed.py --work /tmp/bench --precompile throughput,nocache_encoders \
+        --variants reference,throughput,nocache,nocache_encoders
 
---precompile compiles the trainer variants side by side before any timing (their first_step_s then shows
-a warm compile cache, and the compile time is printed once for all).
+--precompile compiles the trainer variants (all, or those it names) side by side before any timing (their
+first_step_s then shows a warm compile cache, and the compile time is printed once for all).
 
 Builds the SD 2.1-architecture pipeline with random weights (bench/sd21.py) and a synthetic captioned
 data set at the training resolution, then measures in this one process tree:
@@ -50,6 +52,10 @@ VARIANTS = {
     "nocache_encoders": ["perf=throughput", "dataset.cache=false", "trainer.compile_encoders=true"],
     "throughput_cudagraphs": ["perf=throughput", "trainer.compile_mode=reduce-overhead"],
     "eager": ["perf=none"],  # the framework with no levers at all
+    # profiled: 5 steps after skip under torch.profiler; its operator table and busy-time summary go to --out.
+    # Its step times hold the profiler's cost: read the speed from the unprofiled rows
+    "throughput_profile": ["perf=throughput", "trainer.profile_steps=5"],
+    "nocache_profile": ["perf=throughput", "dataset.cache=false", "trainer.profile_steps=5"],
 }
 
 
@@ -168,7 +174,7 @@ def precompile(names: list[str], model_path: Path, data: Path, args) -> None:
     of this U-Net take minutes each: in a row they would not fit one device call."""
     start = time.perf_counter()
     jobs = [(name, subprocess.Popen(trainer_command(f"precompile-{name}", [*VARIANTS[name], "trainer.max_train_steps=2",
-                                                                        "trainer.skip_steps=0"], model_path, data,
+                                                                        "trainer.skip_steps=0", "trainer.profile_steps=0"], model_path, data,
                                                     args)[0],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
             for name in names]
@@ -196,6 +202,10 @@ def framework_run(name: str, overrides: list[str], model_path: Path, data: Path,
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     (args.out / f"{name}.log").write_text(result.stdout + result.stderr)
+    for kind in ("txt", "summary.txt"):  # with trainer.profile_steps
+        table = run_dir / "profile" / f"rank0.{kind}"
+        if table.is_file():
+            (args.out / f"{name}-profile.{kind}").write_text(table.read_text())
     if result.returncode != 0:
         print(f"{name} failed (exit {result.returncode}):\n{result.stderr[-3000:]}", flush=True)
         return {"error": result.stderr[-500:]}
@@ -215,8 +225,10 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--variants", default="reference,nocache,throughput,memory")
-    parser.add_argument("--precompile", action="store_true",
-                        help="first run all trainer variants at once for 2 steps, filling Inductor's cache in parallel")
+    parser.add_argument("--precompile", nargs="?", const="all", default=None,
+                        help="first run the trainer variants at once for 2 steps, filling Inductor's cache in parallel: "
+                             "all of them, or those named (comma-separated; a variant whose graphs another one "
+                             "compiles needs no place here)")
     parser.add_argument("--out", default=None, help="folder for results.json and the runs' logs (default: --work)")
     args = parser.parse_args()
     args.resolution = args.resolution or (64 if args.tiny else 768)
@@ -253,7 +265,8 @@ def main() -> None:
     print(json.dumps(facts), flush=True)
 
     if args.precompile:
-        precompile([n for n in args.variants.split(",") if n != "reference"], model_path, data, args)
+        names = args.variants.split(",") if args.precompile == "all" else args.precompile.split(",")
+        precompile([n for n in names if n != "reference"], model_path, data, args)
     results = {}
     for name in args.variants.split(","):
         t = time.perf_counter()

@@ -254,7 +254,7 @@ class TrainerConfig:
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ CUDA
     kernel_autotune: bool = False  # time the convolution algorithms on the first step and keep the fastest (CUDA: cudnn.benchmark); needs fixed shapes (dataset.drop_last)
     gc_every_n_steps: Optional[int] = None  # Python's garbage collector off in the loop, one collection every N steps on every process alike (null: Python's automatic collection)
-    channels_last: bool = False  # U-Net weights and activations in NHWC memory format (faster convolutions on GPUs)
+    channels_last: bool = False  # U-Net and VAE weights and activations in NHWC memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the U-Net (through accelerate); its time shows in the report's first_step_s
     compile_encoders: bool = False  # dataset.cache=false: also torch.compile the VAE encoder, which then runs every step
     compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import statistics
@@ -57,11 +58,88 @@ def scheduled_gc(every_n_steps: int | None):
             gc.enable()
 
 
+DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def kernel_category(name: str) -> str:
+    """What a device kernel does, from its name (cuDNN, cuBLAS, Inductor and NCCL name theirs recognisably)."""
+    n = name.lower()
+    if "nccl" in n:
+        return "communication"
+    if any(k in n for k in ("fmha", "flash", "attention", "sdpa", "mha_")):
+        return "attention"
+    if any(k in n for k in ("fprop", "dgrad", "wgrad", "conv", "implicit_gemm", "winograd")):
+        return "convolution"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")):
+        return "matmul"
+    if n.startswith("triton"):
+        return "fused (Inductor)"
+    if any(k in n for k in ("adam", "foreach", "multi_tensor", "amp_")):
+        return "optimizer, grad scaler"
+    if "memcpy" in n or "memset" in n:
+        return "copy, fill"
+    return "other"
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def trace_summary(trace: dict) -> dict:
+    """Per profiled step, from a torch.profiler chrome trace: host time, and on a GPU the device's busy time
+    (union of its kernels, copies and fills) against the span from its first to its last, by kernel kind.
+
+    A busy fraction well below 1 means the device waits for the host (launches, syncs, the data loader);
+    near 1, only faster kernels or fewer FLOPs make the step faster.
+    """
+    events = trace.get("traceEvents", [])
+    steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#") and "dur" in e]
+    n = max(len(steps), 1)
+    device = [e for e in events if e.get("cat") in DEVICE_EVENTS and "dur" in e]
+    summary: dict = {"steps": len(steps), "host_ms_per_step": sum(e["dur"] for e in steps) / 1000 / n,
+                     "device_busy_fraction": None}
+    if not device:
+        return summary
+    spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in device]
+    span = max(b for _, b in spans) - min(a for a, _ in spans)
+    busy = _union_length(spans)
+    by_kind: dict[str, list] = {}
+    for e in device:
+        kind = kernel_category(e["name"]) if e["cat"] == "kernel" else "copy, fill"
+        entry = by_kind.setdefault(kind, [0.0, 0])
+        entry[0] += float(e["dur"])
+        entry[1] += 1
+    summary.update(device_span_ms_per_step=span / 1000 / n, device_busy_ms_per_step=busy / 1000 / n,
+                   device_busy_fraction=busy / span if span else None,
+                   device_events_per_step=len(device) / n,
+                   by_kind={k: {"ms_per_step": v[0] / 1000 / n, "events_per_step": v[1] / n}
+                            for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])})
+    return summary
+
+
+def format_trace_summary(s: dict) -> str:
+    lines = [f"profiled steps: {s['steps']}", f"host time per step: {s['host_ms_per_step']:.2f} ms"]
+    if s.get("device_busy_fraction") is not None:
+        lines += [f"device span per step (first to last kernel): {s['device_span_ms_per_step']:.2f} ms",
+                  f"device busy per step: {s['device_busy_ms_per_step']:.2f} ms "
+                  f"({100 * s['device_busy_fraction']:.1f}% of the span)",
+                  f"kernels, copies and fills per step: {s['device_events_per_step']:.0f}",
+                  "", "| kind | ms per step (summed, overlaps counted twice) | events per step |", "|---|---|---|"]
+        lines += [f"| {k} | {v['ms_per_step']:.2f} | {v['events_per_step']:.0f} |" for k, v in s["by_kind"].items()]
+    return "\n".join(lines) + "\n"
+
+
 class StepProfiler:
     """trainer.profile_steps=N: torch.profiler over N optimizer steps that follow skip_steps (and one warm-up step).
 
     Each process writes <run dir>/profile/rank<R>.trace.json (chrome://tracing, Perfetto) and rank<R>.txt,
-    its operators by self device time (CPU time on the CPU). The profiled steps run slower: read the speed
+    its operators by self device time (CPU time on the CPU), and rank<R>.summary.txt (`trace_summary`): how
+    much of each step the device was busy, and with what kinds of kernel. The profiled steps run slower: read the speed
     from a run without profiling.
     """
 
@@ -86,7 +164,15 @@ class StepProfiler:
         prof.export_chrome_trace(str(self.out / f"rank{self.rank}.trace.json"))
         sort = "self_cuda_time_total" if self.device_time else "self_cpu_time_total"
         (self.out / f"rank{self.rank}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=50) + "\n")
-        log.info("profile written to %s", self.out)
+        trace = json.loads((self.out / f"rank{self.rank}.trace.json").read_text())
+        summary = trace_summary(trace)
+        (self.out / f"rank{self.rank}.summary.txt").write_text(format_trace_summary(summary))
+        if summary.get("device_busy_fraction") is not None:
+            log.info("profile written to %s: the device was busy %.0f%% of the profiled steps (%.1f of %.1f ms a step)",
+                     self.out, 100 * summary["device_busy_fraction"], summary["device_busy_ms_per_step"],
+                     summary["device_span_ms_per_step"])
+        else:
+            log.info("profile written to %s", self.out)
 
     def step(self) -> None:
         if self.profiler is not None:

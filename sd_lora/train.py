@@ -313,8 +313,9 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
     lora_params = add_lora(comps.unet, cfg.model.attention, cfg.model.lora)
     if cfg.trainer.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
-    if cfg.trainer.channels_last:
-        comps.unet.to(memory_format=torch.channels_last)
+    if cfg.trainer.channels_last:  # the VAE too: it encodes every step without the cache, and builds the cache
+        for module in (comps.unet, comps.vae):
+            module.to(memory_format=torch.channels_last)
 
     evaluate = None
     if val_table is not None and accelerator.is_main_process:  # encoded now, while the VAE is on the device

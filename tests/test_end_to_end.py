@@ -235,6 +235,9 @@ def test_profile_steps_writes_a_trace_and_a_table(tmp_path):
     assert steps == {"ProfilerStep#2", "ProfilerStep#3"}
     table = (out / "profile" / "rank0.txt").read_text()
     assert "aten::" in table and "Self CPU" in table
+    summary = (out / "profile" / "rank0.summary.txt").read_text()
+    assert "profiled steps: 2" in summary
+    assert float(summary.split("host time per step: ")[1].split(" ms")[0]) > 0
     assert json.loads((out / "report.json").read_text())["global_step"] == 6  # profiling did not cut the run
 
 

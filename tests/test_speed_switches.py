@@ -164,3 +164,32 @@ def test_profile_steps_past_the_run_is_refused_before_work():
         TrainerConfig(max_train_steps=6, skip_steps=2, profile_steps=5)
     assert TrainerConfig(max_train_steps=6, skip_steps=2, profile_steps=4).profile_steps == 4
     assert TrainerConfig(max_train_steps=None, skip_steps=2, profile_steps=50).profile_steps == 50  # epochs: warned at the end
+
+
+def test_trace_summary_counts_overlapping_kernels_once_and_sorts_them_by_kind():
+    from sd_lora.timing import kernel_category, trace_summary
+
+    def kernel(name, ts, dur):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        {"cat": "user_annotation", "name": "ProfilerStep#3", "ts": 0, "dur": 1000},
+        {"cat": "user_annotation", "name": "ProfilerStep#4", "ts": 1000, "dur": 3000},
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 100, 400),   # 100-500
+        kernel("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", 300, 400),  # 300-700, overlaps
+        kernel("triton_poi_fused_add_mul_0", 2000, 100),                                    # 2000-2100
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 4000, "dur": 100},  # 4000-4100
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5000},  # host work: not device time
+    ]}
+    s = trace_summary(trace)
+    assert s["steps"] == 2 and s["host_ms_per_step"] == 2.0
+    assert s["device_span_ms_per_step"] == (4100 - 100) / 1000 / 2
+    assert s["device_busy_ms_per_step"] == (600 + 100 + 100) / 1000 / 2  # 100-700 once, not 800
+    assert s["device_busy_fraction"] == 800 / 4000
+    assert set(s["by_kind"]) == {"attention", "convolution", "fused (Inductor)", "copy, fill"}
+    assert s["by_kind"]["attention"]["ms_per_step"] == 0.2
+    assert kernel_category("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+    assert kernel_category("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "matmul"
+    # on the CPU there is no device time: only the host's
+    cpu = trace_summary({"traceEvents": trace["traceEvents"][:2]})
+    assert cpu["device_busy_fraction"] is None and cpu["host_ms_per_step"] == 2.0
