@@ -11,7 +11,8 @@ from the mean step time and from the median of per-step times. --extra adds over
 trainer.profile_steps=5 also copies rank 0's operator table and busy-time summary of each run to
 <out>/<run>-profile.txt and .summary.txt).
 --concurrent N: N unrelated 1-GPU jobs at once, one per GPU: what sharing the host costs without all-reduce.
---precompile (with --extra perf=throughput): compile the 1-GPU and the DDP graphs side by side first.
+--precompile (with --extra perf=throughput): compile every process count's graphs side by side first.
+--run-timeout S: stop a run (its worker processes too) after S seconds and report it failed.
 Every run's report.json goes into <out>/gpu_runs.json; logs stay in <work>.
 """
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,8 +48,18 @@ def command(name: str, overrides: list[str], args) -> tuple[list[str], Path]:
 def launch(name: str, overrides: list[str], args) -> dict:
     cmd, run_dir = command(name, overrides, args)
     start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    return finish(name, result, run_dir, start, args)
+    # its own process group, so that a run stopped at --run-timeout takes its worker processes with it:
+    # one hung run must not take the rest of a device call
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=args.run_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        log_file = run_dir / "launch.log"
+        err += (f"\nstopped after --run-timeout={args.run_timeout:g} s; launch.log ends:\n"
+                + (log_file.read_text()[-3000:] if log_file.is_file() else ""))
+    return finish(name, subprocess.CompletedProcess(cmd, proc.returncode, out, err), run_dir, start, args)
 
 
 def finish(name: str, result, run_dir: Path, start: float, args) -> dict:
@@ -81,16 +93,13 @@ def overridden(base: list[str], extra: list[str]) -> list[str]:
 
 
 def precompile(counts: list[int], scaling: list[str], args) -> None:
-    """Fill Inductor's on-disk cache before any timed run, side by side: a 1-GPU job on GPU 0 and one
-    2-process job on GPUs 1 and 2 (0 and 1 on a 2-GPU machine; DDP splits the compiled graph at its
-    buckets, the same for every N > 1), 2 steps each. With trainer.compile off this only builds the
-    embedding cache."""
-    import torch
-
+    """Fill Inductor's on-disk cache before any timed run, side by side: one job per process count, 2 steps
+    each, on GPUs 0..N-1 (they share the GPUs: compiling is the host's work, and the step of this model
+    needs under 10 GiB). Every count gets its own job: a 4-GPU run with only the 2-GPU job's graphs in the
+    cache did not reach its 30th step within 100 s on 2026-11-28. With trainer.compile off this only
+    builds the embedding cache."""
     started, jobs = time.perf_counter(), []
-    plan = [(1, "0")] if 1 in counts else []
-    if max(counts) > 1:  # on two GPUs it shares GPU 0 with the 1-GPU job: compiling is the host's work
-        plan.append((2, "1,2" if torch.cuda.device_count() >= 3 else "0,1"))
+    plan = [(n, ",".join(str(i) for i in range(n))) for n in counts]
     for n, gpus in plan:
         cmd, _ = command(f"precompile{n}", overridden(scaling, [f"device.num_processes={n}", "trainer.max_train_steps=2",
                                                                 "trainer.skip_steps=0", "trainer.profile_steps=0"]), args)
@@ -114,6 +123,8 @@ def main() -> None:
                         help="also run this many independent 1-GPU jobs at once, one per GPU, no DDP")
     parser.add_argument("--precompile", action="store_true",
                         help="fill Inductor's cache for the scaling runs side by side before timing them")
+    parser.add_argument("--run-timeout", type=float, default=None,
+                        help="seconds after which a run is stopped and reported failed (default: none)")
     parser.add_argument("--extra", default="", help="more overrides for the scaling runs, comma-separated")
     args = parser.parse_args()
     work = Path(args.work)

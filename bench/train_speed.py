@@ -41,20 +41,26 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 VARIANTS = {
-    "nocache": ["perf=throughput", "dataset.cache=false"],
+    # perf=throughput has compile_mode=reduce-overhead (CUDA graphs) since 2026-11-28; the *_nographs rows are
+    # the same without graphs (torch.compile's default mode), as the presets were measured before
     "throughput": ["perf=throughput"],
+    "throughput_nographs": ["perf=throughput", "trainer.compile_mode=null"],
+    "nocache": ["perf=throughput", "dataset.cache=false"],
+    "nocache_nographs": ["perf=throughput", "dataset.cache=false", "trainer.compile_mode=null"],
+    "nocache_encoders": ["perf=throughput", "dataset.cache=false", "trainer.compile_encoders=true"],
+    "nocache_encoders_nographs": ["perf=throughput", "dataset.cache=false", "trainer.compile_encoders=true",
+                                 "trainer.compile_mode=null"],
     "memory": ["perf=memory"],
+    "memory_graphs": ["perf=memory", "trainer.compile_mode=reduce-overhead"],
     "throughput_cudnn": ["perf=throughput", "model.sdp_kernel=cudnn"],
-    "nocache_cudnn": ["perf=throughput", "dataset.cache=false", "model.sdp_kernel=cudnn"],
     "throughput_flash": ["perf=throughput", "model.sdp_kernel=flash"],
     "throughput_autotune": ["perf=throughput", "trainer.kernel_autotune=true"],
     "throughput_gc": ["perf=throughput", "trainer.gc_every_n_steps=50"],
-    "nocache_encoders": ["perf=throughput", "dataset.cache=false", "trainer.compile_encoders=true"],
-    "throughput_cudagraphs": ["perf=throughput", "trainer.compile_mode=reduce-overhead"],
     "eager": ["perf=none"],  # the framework with no levers at all
     # profiled: 5 steps after skip under torch.profiler; its operator table and busy-time summary go to --out.
     # Its step times hold the profiler's cost: read the speed from the unprofiled rows
     "throughput_profile": ["perf=throughput", "trainer.profile_steps=5"],
+    "throughput_nographs_profile": ["perf=throughput", "trainer.compile_mode=null", "trainer.profile_steps=5"],
     "nocache_profile": ["perf=throughput", "dataset.cache=false", "trainer.profile_steps=5"],
 }
 

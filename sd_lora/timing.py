@@ -98,7 +98,9 @@ def trace_summary(trace: dict) -> dict:
     near 1, only faster kernels or fewer FLOPs make the step faster.
     """
     events = trace.get("traceEvents", [])
-    steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#") and "dur" in e]
+    # the host's step annotations; the trace repeats each on the device's timeline ("gpu_user_annotation")
+    steps = [e for e in events if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("ProfilerStep#")
+             and "dur" in e]
     n = max(len(steps), 1)
     device = [e for e in events if e.get("cat") in DEVICE_EVENTS and "dur" in e]
     summary: dict = {"steps": len(steps), "host_ms_per_step": sum(e["dur"] for e in steps) / 1000 / n,

@@ -175,6 +175,7 @@ def test_trace_summary_counts_overlapping_kernels_once_and_sorts_them_by_kind():
     trace = {"traceEvents": [
         {"cat": "user_annotation", "name": "ProfilerStep#3", "ts": 0, "dur": 1000},
         {"cat": "user_annotation", "name": "ProfilerStep#4", "ts": 1000, "dur": 3000},
+        {"cat": "gpu_user_annotation", "name": "ProfilerStep#4", "ts": 1100, "dur": 3000},  # the same step, device side
         kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 100, 400),   # 100-500
         kernel("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", 300, 400),  # 300-700, overlaps
         kernel("triton_poi_fused_add_mul_0", 2000, 100),                                    # 2000-2100
