@@ -221,6 +221,23 @@ class NonFiniteGuard:
 # ---------------------------------------------------------------- run
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
+
+
+def check_cuda_graphs(t, backend_name: str) -> None:
+    """CUDA graphs (torch.compile's reduce-overhead and max-autotune modes) hand the compiled backward's
+    output buffers to the parameters as their .grad; the next micro-batch's replay overwrites them before
+    autograd adds its gradient, so accumulated LoRA gradients come out wrong (pytorch/pytorch#169545, and a
+    reproduction in #96693: 4 accumulated micro-batches give 1/4 of the gradient). One micro-batch per
+    optimizer step is safe: the gradients are used and set to None before the next replay."""
+    if backend_name == "cuda" and t.compile and t.compile_mode in CUDA_GRAPH_MODES \
+            and t.gradient_accumulation_steps > 1:
+        raise UserError(f"trainer.compile_mode={t.compile_mode} records CUDA graphs, which sum the LoRA gradients of "
+                        f"trainer.gradient_accumulation_steps={t.gradient_accumulation_steps} micro-batches wrongly "
+                        "(PyTorch issue 169545); set trainer.compile_mode=null (or max-autotune-no-cudagraphs), or "
+                        "trainer.gradient_accumulation_steps=1")
+
+
 def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
     """Everything a user can get wrong, checked before any weights are loaded."""
     backend = build_backend(cfg.device.type.value, transfer_to_gcu=cfg.device.transfer_to_gcu)
@@ -228,6 +245,7 @@ def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
     for key in ("compile", "compile_encoders"):
         if getattr(cfg.trainer, key) and not backend.capabilities().compile:
             raise UserError(f"trainer.{key}=true is not supported on device={backend.name}; set trainer.{key}=false")
+    check_cuda_graphs(cfg.trainer, backend.name)
     per_machine = cfg.device.num_processes // cfg.device.num_machines
     if "LOCAL_WORLD_SIZE" in os.environ:  # under accelerate launch / torchrun the launcher's count rules
         per_machine = int(os.environ["LOCAL_WORLD_SIZE"])

@@ -7,8 +7,9 @@ import weakref
 import pytest
 import torch
 
-from sd_lora.config import SdpKernel
+from sd_lora.config import SdpKernel, TrainerConfig
 from sd_lora.devices import CpuBackend
+from sd_lora.errors import UserError
 from sd_lora.model import sdp_kernel_order
 from sd_lora.timing import Timer, scheduled_gc
 
@@ -194,3 +195,23 @@ def test_trace_summary_counts_overlapping_kernels_once_and_sorts_them_by_kind():
     # on the CPU there is no device time: only the host's
     cpu = trace_summary({"traceEvents": trace["traceEvents"][:2]})
     assert cpu["device_busy_fraction"] is None and cpu["host_ms_per_step"] == 2.0
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graphs_with_gradient_accumulation_are_refused_on_cuda(mode):
+    """CUDA graphs overwrite the first micro-batch's gradient before the second is added (pytorch#169545):
+    the combination is refused before any work, naming both settings and the fixes."""
+    from sd_lora.train import check_cuda_graphs
+
+    t = TrainerConfig(compile=True, compile_mode=mode, gradient_accumulation_steps=2)
+    with pytest.raises(UserError, match=rf"trainer.compile_mode={mode} records CUDA graphs.*"
+                                        r"trainer.gradient_accumulation_steps=2.*trainer.compile_mode=null"):
+        check_cuda_graphs(t, "cuda")
+    check_cuda_graphs(t, "cpu")  # no CUDA graphs on the CPU or a GCU: nothing to refuse
+    check_cuda_graphs(t, "gcu")
+    for fine in (TrainerConfig(compile=True, compile_mode=mode, gradient_accumulation_steps=1),
+                 TrainerConfig(compile=True, compile_mode="max-autotune-no-cudagraphs", gradient_accumulation_steps=2),
+                 TrainerConfig(compile=True, compile_mode=None, gradient_accumulation_steps=2),
+                 TrainerConfig(compile=False, compile_mode=mode, gradient_accumulation_steps=2)):
+        check_cuda_graphs(fine, "cuda")
+
