@@ -16,7 +16,6 @@ import csv
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +28,31 @@ SUMMARY_COLUMNS = ("validation_loss", "final_loss", "samples_per_second", "peak_
                    "error")
 
 
+KEYS_FILE = ".sd_lora_sweep_keys.json"  # in the sweep dir: the varying keys, worked out where the sweep started
+
+
 def _sweep_keys(root) -> list[str]:
-    """Keys that vary across this sweep: command-line sweep overrides plus the sweeper's params."""
+    """Keys that vary across this sweep: the sweeper's params plus the sweep overrides (`a=1,2`, `range(..)`)
+    in hydra.overrides.task. Only the launching process's config holds the latter (a job's own config holds
+    its one value), so `SweepSummary.on_multirun_start` writes them into the sweep dir for the jobs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    keys: list[str] = []
-    params = OmegaConf.select(root, "hydra.sweeper.params", default=None) or {}
-    keys += [str(k) for k in params]
-    argv = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    try:
-        for override in OverridesParser.create().parse_overrides(argv):
-            if override.is_sweep_override():
-                keys.append(override.get_key_element().lstrip("+~"))
-    except Exception:  # a command line Hydra parsed differently: fall back to the sweeper's params
-        pass
+    keys = [str(k) for k in (OmegaConf.select(root, "hydra.sweeper.params", default=None) or {})]
+    task = [str(o) for o in (OmegaConf.select(root, "hydra.overrides.task", default=None) or [])]
+    for override in OverridesParser.create().parse_overrides(task):
+        if override.is_sweep_override():
+            keys.append(override.get_key_element().lstrip("+~"))
     return list(dict.fromkeys(keys))
 
 
 def job_name(*, _root_) -> str:
-    """`key=value,...` of this job's overrides whose keys vary across the sweep."""
-    varying = set(_sweep_keys(_root_))
+    """`key=value,...` of this job's overrides whose keys vary across the sweep.
+
+    Resolved where the job runs: in the launching process for Hydra's basic launcher, in a SLURM or local
+    submitit worker otherwise, whose command line holds none of the sweep. So the keys come from the file
+    the launching process wrote into the sweep dir."""
+    keys_file = Path(str(OmegaConf.select(_root_, "hydra.sweep.dir"))) / KEYS_FILE
+    varying = set(json.loads(keys_file.read_text()) if keys_file.is_file() else _sweep_keys(_root_))
     task = OmegaConf.select(_root_, "hydra.overrides.task", default=[]) or []
     parts = []
     for item in task:
@@ -148,7 +152,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: write and print the sweep summary when a multirun ends."""
+    """Hydra callback: the sweep's varying keys for the job names when a multirun starts; the sweep summary,
+    written and printed, when it ends. Both run in the launching process."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / KEYS_FILE).write_text(json.dumps(_sweep_keys(config)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

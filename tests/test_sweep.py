@@ -120,3 +120,16 @@ def test_validation_loss_under_mixed_precision_spans_several_batches(tmp_path, t
     result = run_launch(*FAST, "precision=bf16", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert math.isfinite(json.loads((out / "report.json").read_text())["validation_loss"])
+
+
+def test_job_folders_are_named_by_the_sweep_under_a_submitit_launcher(tmp_path, tiny_model_path):
+    """submitit runs each job in a worker process whose command line is submitit's own, not the sweep's:
+    the job names must still come from the sweep (the launching process writes its keys into the sweep dir),
+    as they do with SLURM (`hydra/launcher=slurm_gpu`, the same plugin)."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_launch("-m", "hydra/launcher=submitit_local", *FAST, "optimizer.lr=1e-4,1e-2",
+                        f"hydra.sweep.dir={sweep_dir}", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_optimizer.lr=0.0001", "1_optimizer.lr=0.01"]
+    assert [r["status"] for r in read_summary(sweep_dir)] == ["ok", "ok"]
