@@ -26,6 +26,7 @@ from sd_lora.checkpoints import (RunState, check_resume, list_checkpoints, regis
 from sd_lora.config import Config, MixedPrecision, OnFailure, PredictionType, global_batch_size
 from sd_lora.data import CaptionedImages, build_dataloader, load_tables, sample_seed
 from sd_lora.devices import Backend, build_backend, kernel_flags_kept
+from sd_lora.distributed import check_layout
 from sd_lora.errors import UserError
 from sd_lora.model import (add_lora, load_components, resolve_model_path, save_lora, sdp_kernel_order,
                            sdp_priority_order)
@@ -246,9 +247,10 @@ def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
         if getattr(cfg.trainer, key) and not backend.capabilities().compile:
             raise UserError(f"trainer.{key}=true is not supported on device={backend.name}; set trainer.{key}=false")
     check_cuda_graphs(cfg.trainer, backend.name)
-    per_machine = cfg.device.num_processes // cfg.device.num_machines
     if "LOCAL_WORLD_SIZE" in os.environ:  # under accelerate launch / torchrun the launcher's count rules
         per_machine = int(os.environ["LOCAL_WORLD_SIZE"])
+    else:
+        per_machine = check_layout(cfg)
     if backend.name != "cpu" and per_machine > backend.device_count():
         raise UserError(
             f"device.num_processes={cfg.device.num_processes} needs {per_machine} {backend.name} device(s) on this "
