@@ -134,6 +134,9 @@ class Backend:
         """Time the convolution algorithms once per shape and keep the fastest; False where the device has no such switch."""
         return False
 
+    def before_accelerate(self) -> None:
+        """What the process needs before accelerate's first state object (PartialState, Accelerator)."""
+
     def check(self, mixed_precision: str) -> None:
         """Raise UserError if this backend cannot run here with this precision."""
         if not self.is_available():
@@ -322,6 +325,10 @@ class GcuBackend(Backend):
             f"(TOPS_VISIBLE_DEVICES={os.environ.get('TOPS_VISIBLE_DEVICES', 'unset')}); "
             "check the GCU driver and TOPS_VISIBLE_DEVICES, or use device=cpu"
         )
+
+    def before_accelerate(self) -> None:
+        if self.transfer_to_gcu:
+            self.enable_transfer_to_gcu()
 
     def enable_transfer_to_gcu(self):
         """Redirect torch.cuda / nccl to GCU so that accelerate's CUDA code path drives the GCU."""

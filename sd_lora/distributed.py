@@ -60,8 +60,7 @@ def agree_on_run_dir(run_dir: str, cfg: Config) -> str:
     from sd_lora.devices import build_backend
 
     backend = build_backend(cfg.device.type.value, transfer_to_gcu=cfg.device.transfer_to_gcu)
-    if backend.name == "gcu" and backend.transfer_to_gcu:
-        backend.enable_transfer_to_gcu()
+    backend.before_accelerate()  # GCU: torch_gcu.transfer_to_gcu, so that accelerate's CUDA path drives it
     state = PartialState(**backend.accelerator_kwargs())
     chosen = [run_dir if state.is_main_process else None]
     dist.broadcast_object_list(chosen, src=0)

@@ -271,8 +271,7 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path):
 
     from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin
 
-    if backend.name == "gcu" and backend.transfer_to_gcu:
-        backend.enable_transfer_to_gcu()
+    backend.before_accelerate()  # GCU: torch_gcu.transfer_to_gcu, so that accelerate's CUDA path drives it
     kwargs = dict(backend.accelerator_kwargs())
     if cfg.trainer.compile:  # accelerate compiles in prepare(), after any DDP wrapping
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=cfg.trainer.compile_mode)

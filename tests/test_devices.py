@@ -124,6 +124,17 @@ def test_gcu_transfer_to_gcu_is_imported_when_enabled(fake_gcu):
     assert GcuBackend(transfer_to_gcu=True).enable_transfer_to_gcu() is transfer
 
 
+def test_gcu_turns_transfer_on_before_accelerate_only_when_asked(fake_gcu, caplog):
+    """The trainer and the launcher-started workers both call before_accelerate(); the redirect is
+    switched on there (it logs so) when device.transfer_to_gcu is set, never otherwise."""
+    fake_gcu()
+    with caplog.at_level("INFO", logger="sd_lora.devices"):
+        GcuBackend(transfer_to_gcu=False).before_accelerate()
+        assert "transfer_to_gcu is on" not in caplog.text
+        GcuBackend(transfer_to_gcu=True).before_accelerate()
+        assert "transfer_to_gcu is on" in caplog.text
+
+
 def test_gcu_without_transfer_to_gcu_is_refused(fake_gcu):
     fake_gcu()
     with pytest.raises(UserError, match="device.transfer_to_gcu=true"):
