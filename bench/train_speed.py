@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402  (bench/common.py, importable once bench/ is on the path)
 
 VARIANTS = {
     # perf=throughput has compile_mode=reduce-overhead (CUDA graphs) since 2026-11-28; the *_nographs rows are
@@ -174,50 +174,13 @@ def reference_loop(model_path: Path, data: Path, args) -> dict:
             "peak_memory_bytes": peak, "first_step_s": times[0]}
 
 
-def precompile(names: list[str], model_path: Path, data: Path, args) -> None:
-    """Run every trainer variant for 2 steps at once, so that each fills Inductor's on-disk cache with its
-    graphs while the others compile too; the timed runs after it find their graphs there. Cold compiles
-    of this U-Net take minutes each: in a row they would not fit one device call."""
-    start = time.perf_counter()
-    jobs = [(name, subprocess.Popen(trainer_command(f"precompile-{name}", [*VARIANTS[name], "trainer.max_train_steps=2",
-                                                                        "trainer.skip_steps=0", "trainer.profile_steps=0"], model_path, data,
-                                                    args)[0],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-            for name in names]
-    for name, proc in jobs:
-        _, err = proc.communicate()
-        if proc.returncode != 0:
-            print(f"precompile {name} failed (exit {proc.returncode}):\n{err[-1500:]}", flush=True)
-    print(f"precompiled {', '.join(names)} in {time.perf_counter() - start:.0f} s", flush=True)
-
-
-def trainer_command(name: str, overrides: list[str], model_path: Path, data: Path, args) -> tuple[list[str], Path]:
-    run_dir = Path(args.work) / "runs" / name
+def base_overrides(model_path: Path, data: Path, args) -> list[str]:
     precision = "fp16" if args.device == "cuda" else "fp32"
-    return [sys.executable, str(ROOT / "launch.py"), f"device={args.device}", f"precision={precision}",
-           f"model.pretrained_model_name_or_path={model_path}", f"dataset.path={data}",
-           f"dataset.resolution={args.resolution}", "dataset.center_crop=true", "dataset.random_flip=true",
-           f"dataset.num_workers={args.workers}", f"trainer.train_batch_size={args.batch}",
-           f"trainer.max_train_steps={args.steps}", f"trainer.skip_steps={args.skip}",
-           "trainer.validation_prompts=[]", "trainer.checkpointing_steps=null",
-           f"dataset.cache_dir={Path(args.work) / 'cache'}", f"hydra.run.dir={run_dir}", *overrides], run_dir
-
-
-def framework_run(name: str, overrides: list[str], model_path: Path, data: Path, args) -> dict:
-    cmd, run_dir = trainer_command(name, overrides, model_path, data, args)
-    start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    (args.out / f"{name}.log").write_text(result.stdout + result.stderr)
-    for kind in ("txt", "summary.txt"):  # with trainer.profile_steps
-        table = run_dir / "profile" / f"rank0.{kind}"
-        if table.is_file():
-            (args.out / f"{name}-profile.{kind}").write_text(table.read_text())
-    if result.returncode != 0:
-        print(f"{name} failed (exit {result.returncode}):\n{result.stderr[-3000:]}", flush=True)
-        return {"error": result.stderr[-500:]}
-    report = json.loads((run_dir / "report.json").read_text())
-    report["process_wall_s"] = time.perf_counter() - start
-    return report
+    return [f"device={args.device}", f"precision={precision}", f"model.pretrained_model_name_or_path={model_path}",
+            f"dataset.path={data}", f"dataset.resolution={args.resolution}", "dataset.center_crop=true",
+            "dataset.random_flip=true", f"dataset.num_workers={args.workers}", f"trainer.train_batch_size={args.batch}",
+            f"trainer.max_train_steps={args.steps}", f"trainer.skip_steps={args.skip}", "trainer.validation_prompts=[]",
+            "trainer.checkpointing_steps=null", f"dataset.cache_dir={Path(args.work) / 'cache'}"]
 
 
 def main() -> None:
@@ -254,25 +217,19 @@ def main() -> None:
 
     import torch
 
-    facts = {"torch": torch.__version__, "device": args.device, "resolution": args.resolution, "batch": args.batch,
-             "steps": args.steps, "skip": args.skip}
-    if args.device == "cuda":
-        facts["card"] = torch.cuda.get_device_name()
-    import accelerate
-    import diffusers
-    import peft
-    import transformers
-
-    facts.update(diffusers=diffusers.__version__, transformers=transformers.__version__, peft=peft.__version__,
-                 accelerate=accelerate.__version__)
+    facts = {**common.facts(args.device), "resolution": args.resolution, "batch": args.batch, "steps": args.steps,
+             "skip": args.skip}
     facts["matmul_tflops"] = matmul_tflops(args.device)
     facts["unet_flops"] = unet_flops(model_path, args.batch, args.resolution, args.device)
     torch.cuda.empty_cache() if args.device == "cuda" else None
     print(json.dumps(facts), flush=True)
 
+    base = base_overrides(model_path, data, args)
+    runs = Path(args.work) / "runs"
     if args.precompile:
         names = args.variants.split(",") if args.precompile == "all" else args.precompile.split(",")
-        precompile([n for n in names if n != "reference"], model_path, data, args)
+        common.precompile([(n, [*base, *VARIANTS[n]], runs / f"precompile-{n}", None)
+                           for n in names if n != "reference"])
     results = {}
     for name in args.variants.split(","):
         t = time.perf_counter()
@@ -281,7 +238,7 @@ def main() -> None:
             if args.device == "cuda":
                 torch.cuda.empty_cache()
         else:
-            results[name] = framework_run(name, VARIANTS[name], model_path, data, args)
+            results[name] = common.run_trainer(name, [*base, *VARIANTS[name]], runs / name, args.out)
         print(f"{name}: done in {time.perf_counter() - t:.0f} s: {json.dumps(results[name], default=str)[:400]}",
               flush=True)
         (args.out / "results.json").write_text(json.dumps({"facts": facts, "results": results}, indent=2, default=str))

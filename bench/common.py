@@ -1,0 +1,85 @@
+"""What the bench scripts share: running the real trainer (`python launch.py`) and reading back its report,
+filling Inductor's cache side by side, and the facts (card, versions) every table is printed under."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trainer_command(run_dir: Path, overrides: list[str]) -> list[str]:
+    """`python launch.py OVERRIDES hydra.run.dir=RUN_DIR`: the loop users run, never a bench-only path."""
+    return [sys.executable, str(ROOT / "launch.py"), *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def run_trainer(name: str, overrides: list[str], run_dir: Path, out: Path, timeout: float | None = None,
+                env: dict | None = None) -> dict:
+    """Run the trainer; its output goes to <out>/<name>.log, rank 0's profile table and busy-time summary (with
+    trainer.profile_steps) to <out>/<name>-profile.txt and .summary.txt. Returns report.json plus
+    `process_wall_s`, or {"error": ...}. A run past `timeout` seconds is stopped with its worker processes
+    (it runs in its own process group): one hung run must not take the rest of a device call."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(trainer_command(run_dir, overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        log_file = run_dir / "launch.log"
+        stderr += (f"\nstopped after {timeout:g} s; launch.log ends:\n"
+                   + (log_file.read_text()[-3000:] if log_file.is_file() else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.log").write_text(stdout[-20000:] + stderr[-20000:])
+    if proc.returncode != 0:
+        print(f"{name}: failed (exit {proc.returncode}):\n{stderr[-3000:]}", flush=True)
+        return {"error": stderr[-500:]}
+    for kind in ("txt", "summary.txt"):
+        table = run_dir / "profile" / f"rank0.{kind}"
+        if table.is_file():
+            (out / f"{name}-profile.{kind}").write_text(table.read_text())
+    report = json.loads((run_dir / "report.json").read_text())
+    report["process_wall_s"] = time.perf_counter() - start
+    return report
+
+
+def precompile(jobs: list[tuple[str, list[str], Path, dict | None]]) -> None:
+    """Run the trainer jobs (name, overrides, run dir, extra environment) at once for 2 steps each, so that
+    each fills Inductor's on-disk cache with its graphs while the others compile too; the timed runs after
+    it find their graphs there. A cold compile of the SD 2.1 U-Net takes minutes: in a row, several would
+    not fit one device call. With trainer.compile off this only builds the embedding cache."""
+    started, procs = time.perf_counter(), []
+    for name, overrides, run_dir, env in jobs:
+        cmd = trainer_command(run_dir, [*overrides, "trainer.max_train_steps=2", "trainer.skip_steps=0",
+                                        "trainer.profile_steps=0"])
+        procs.append((name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                             env={**os.environ, **(env or {})})))
+    for name, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            print(f"precompile {name} failed (exit {proc.returncode}):\n{err[-1500:]}", flush=True)
+    print(f"precompiled {', '.join(name for name, _ in procs)} in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def facts(device: str) -> dict:
+    """The card and the versions a number needs beside it."""
+    import accelerate
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    found = {"torch": torch.__version__, "device": device, "diffusers": diffusers.__version__,
+             "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__}
+    if device == "cuda":
+        found["card"] = torch.cuda.get_device_name()
+        found["gpus"] = torch.cuda.device_count()
+    return found
