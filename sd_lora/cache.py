@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sd_lora.config import DatasetConfig, ModelConfig, OnFailure
-from sd_lora.data import _image_where, decode_image, sample_key, tokenize, train_transform
+from sd_lora.data import _image_where, decode_or_skip, sample_key, tokenize, train_transform
 from sd_lora.errors import UserError
 from sd_lora.files import save_safetensors
 
@@ -84,12 +84,8 @@ def compute_embeddings(table, cfg: DatasetConfig, tokenizer, vae, text_encoder, 
         images, captions = [], []
         for offset, (cell, caption) in enumerate(zip(rows[cfg.image_column], rows[cfg.caption_column])):
             index = start + offset
-            try:
-                image = decode_image(cell, _image_where(cell, index))
-            except UserError as exc:
-                if cfg.on_bad_image is not OnFailure.skip:
-                    raise
-                log.warning("dataset.on_bad_image=skip: %s; left out of the cache", exc)
+            image = decode_or_skip(cell, index, cfg.on_bad_image, "left out of the cache")
+            if image is None:
                 skipped.append(index)
                 continue
             w, h = image.size

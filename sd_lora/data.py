@@ -166,6 +166,19 @@ def _image_where(value, index: int) -> str:
     return f"data set row {index}" + (f" (file {path})" if path else "")
 
 
+def decode_or_skip(cell, index: int, on_bad_image: OnFailure, skipped_means: str, where: str = "") -> Image.Image | None:
+    """The row's image; or, when it cannot be decoded, None under `dataset.on_bad_image=skip` (with a warning
+    that ends in `skipped_means`, e.g. "left out of the cache") and the UserError naming row and file otherwise.
+    The training rows, the embedding cache and the held-out rows all decide this way."""
+    try:
+        return decode_image(cell, where + _image_where(cell, index))
+    except UserError as exc:
+        if on_bad_image is not OnFailure.skip:
+            raise
+        log.warning("dataset.on_bad_image=skip: %s; %s", exc, skipped_means)
+        return None
+
+
 def train_transform(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Resize short side to `resolution`, crop to a square, maybe flip; CHW float in [-1, 1]."""
@@ -248,18 +261,15 @@ class CaptionedImages(torch.utils.data.Dataset):
         while True:
             row_index = (index + len(skipped)) % len(self.table)
             row = self.table[row_index]
-            cell = row[self.cfg.image_column]
-            try:
-                image = decode_image(cell, _image_where(cell, row_index))
+            image = decode_or_skip(row[self.cfg.image_column], row_index, self.cfg.on_bad_image,
+                                   "skipped, the next row takes its place")
+            if image is not None:
                 break
-            except UserError as exc:
-                if self.cfg.on_bad_image is not OnFailure.skip:
-                    raise
-                skipped.append(row_index)
-                if len(skipped) >= min(MAX_BAD_IN_A_ROW, len(self.table)):
-                    raise UserError(f"dataset.on_bad_image=skip: {len(skipped)} rows in a row from data set row {index} "
-                                    f"cannot be decoded (the last: {exc}); check dataset.path") from None
-                log.warning("dataset.on_bad_image=skip: %s; skipped, the next row takes its place", exc)
+            skipped.append(row_index)
+            if len(skipped) >= min(MAX_BAD_IN_A_ROW, len(self.table)):
+                raise UserError(f"dataset.on_bad_image=skip: {len(skipped)} rows in a row from data set row {index} "
+                                f"cannot be decoded (rows {skipped[:5]}{' ...' if len(skipped) > 5 else ''}, each "
+                                "named in a warning above); check dataset.path")
         caption = pick_caption(row[self.cfg.caption_column], row_index, self.cfg.caption_column, generator)
         pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator)
         item = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0], "index": index}

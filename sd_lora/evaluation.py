@@ -18,8 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sd_lora.config import OnFailure
-from sd_lora.data import _image_where, decode_image, pick_caption, tokenize, train_transform
+from sd_lora.data import decode_or_skip, pick_caption, tokenize, train_transform
 from sd_lora.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,12 +42,8 @@ def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise
     for index in range(len(table)):
         row = table[index]
         cell = row[cfg_dataset.image_column]
-        try:
-            image = decode_image(cell, "held-out " + _image_where(cell, index))
-        except UserError as exc:  # dataset.on_bad_image decides here as in training
-            if cfg_dataset.on_bad_image is not OnFailure.skip:
-                raise
-            log.warning("dataset.on_bad_image=skip: %s; left out of the validation loss", exc)
+        image = decode_or_skip(cell, index, cfg_dataset.on_bad_image, "left out of the validation loss", "held-out ")
+        if image is None:
             skipped.append(index)
             continue
         caption = row[cfg_dataset.caption_column]
