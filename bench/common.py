@@ -29,14 +29,7 @@ def run_trainer(name: str, overrides: list[str], run_dir: Path, out: Path, timeo
     proc = subprocess.Popen(trainer_command(run_dir, overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        log_file = run_dir / "launch.log"
-        stderr += (f"\nstopped after {timeout:g} s; launch.log ends:\n"
-                   + (log_file.read_text()[-3000:] if log_file.is_file() else ""))
+    stdout, stderr = communicate(proc, timeout, run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.log").write_text(stdout[-20000:] + stderr[-20000:])
     if proc.returncode != 0:
@@ -51,22 +44,41 @@ def run_trainer(name: str, overrides: list[str], run_dir: Path, out: Path, timeo
     return report
 
 
-def precompile(jobs: list[tuple[str, list[str], Path, dict | None]]) -> None:
+def communicate(proc: subprocess.Popen, timeout: float | None, run_dir: Path) -> tuple[str, str]:
+    """(stdout, stderr) of a trainer started in its own process group; past `timeout` seconds the whole group
+    (its worker processes too) is killed and stderr ends with the note and the tail of its launch.log."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended in between
+            pass
+        stdout, stderr = proc.communicate()
+        log_file = run_dir / "launch.log"
+        return stdout, stderr + (f"\nstopped after {timeout:g} s; launch.log ends:\n"
+                                 + (log_file.read_text()[-3000:] if log_file.is_file() else ""))
+
+
+def precompile(jobs: list[tuple[str, list[str], Path, dict | None]], timeout: float | None = None) -> None:
     """Run the trainer jobs (name, overrides, run dir, extra environment) at once for 2 steps each, so that
     each fills Inductor's on-disk cache with its graphs while the others compile too; the timed runs after
     it find their graphs there. A cold compile of the SD 2.1 U-Net takes minutes: in a row, several would
-    not fit one device call. With trainer.compile off this only builds the embedding cache."""
+    not fit one device call. With trainer.compile off this only builds the embedding cache. A job still
+    running `timeout` seconds after the start is stopped (with its worker processes) and reported failed."""
     started, procs = time.perf_counter(), []
     for name, overrides, run_dir, env in jobs:
         cmd = trainer_command(run_dir, [*overrides, "trainer.max_train_steps=2", "trainer.skip_steps=0",
                                         "trainer.profile_steps=0"])
-        procs.append((name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                             env={**os.environ, **(env or {})})))
-    for name, proc in procs:
-        _, err = proc.communicate()
+        procs.append((name, run_dir, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                      text=True, start_new_session=True,
+                                                      env={**os.environ, **(env or {})})))
+    for name, run_dir, proc in procs:
+        left = None if timeout is None else max(timeout - (time.perf_counter() - started), 0.1)
+        _, err = communicate(proc, left, run_dir)
         if proc.returncode != 0:
             print(f"precompile {name} failed (exit {proc.returncode}):\n{err[-1500:]}", flush=True)
-    print(f"precompiled {', '.join(name for name, _ in procs)} in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"precompiled {', '.join(name for name, _, _ in procs)} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def facts(device: str) -> dict:

@@ -13,7 +13,8 @@ trainer.profile_steps=5 also copies rank 0's operator table and busy-time summar
 <out>/<run>-profile.txt and .summary.txt).
 --concurrent N: N unrelated 1-GPU jobs at once, one per GPU: what sharing the host costs without all-reduce.
 --precompile (with --extra perf=throughput): compile every process count's graphs side by side first.
---run-timeout S: stop a run (its worker processes too) after S seconds and report it failed.
+--run-timeout S: stop a run (its worker processes too) after S seconds and report it failed; the precompile
+as a whole gets the same limit.
 Every run's report.json goes into <out>/gpu_runs.json, its output into <out>/<run>.log.
 """
 
@@ -132,7 +133,8 @@ def main() -> None:
         # work, and the step of this model needs under 10 GiB). Every count gets its own job: on 2026-11-28 a
         # 4-GPU run with only the 2-GPU job's graphs in the cache had not reached its 30th step 64 s in
         common.precompile([(f"precompile{n}", [*scaling, f"device.num_processes={n}"],
-                            Path(args.work) / "runs" / f"precompile{n}", visible(n, args)) for n in counts])
+                            Path(args.work) / "runs" / f"precompile{n}", visible(n, args)) for n in counts],
+                          timeout=args.run_timeout)
     results = {}
     for n in counts:
         results[n] = launch(f"gpus{n}", [*scaling, f"device.num_processes={n}"], args)

@@ -239,6 +239,19 @@ def check_cuda_graphs(t, backend_name: str) -> None:
                         "trainer.gradient_accumulation_steps=1")
 
 
+def compile_mode_for(t, backend_name: str, world_size: int) -> str | None:
+    """trainer.compile_mode as torch.compile gets it. `auto` (perf=throughput's) records CUDA graphs where
+    they were measured to pay and known to be right: one process on CUDA, one micro-batch per optimizer step
+    (3.30x diffusers' loop on an H100 against 2.13x without, docs/performance.md). With several processes
+    (CUDA graphs under DDP not measured yet), gradient accumulation (check_cuda_graphs) or another device it
+    is torch.compile's default mode."""
+    if t.compile_mode != "auto":
+        return t.compile_mode
+    if backend_name == "cuda" and world_size == 1 and t.gradient_accumulation_steps == 1:
+        return "reduce-overhead"
+    return None
+
+
 def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
     """Everything a user can get wrong, checked before any weights are loaded."""
     backend = build_backend(cfg.device.type.value, transfer_to_gcu=cfg.device.transfer_to_gcu)
@@ -265,7 +278,7 @@ def checks_before_work(cfg: Config) -> tuple[Backend, Path, object, object]:
     return backend, model_path, table, val_table
 
 
-def build_accelerator(cfg: Config, backend: Backend, run_dir: Path):
+def build_accelerator(cfg: Config, backend: Backend, run_dir: Path, compile_mode: str | None = None):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -274,7 +287,7 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path):
     backend.before_accelerate()  # GCU: torch_gcu.transfer_to_gcu, so that accelerate's CUDA path drives it
     kwargs = dict(backend.accelerator_kwargs())
     if cfg.trainer.compile:  # accelerate compiles in prepare(), after any DDP wrapping
-        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=cfg.trainer.compile_mode)
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=compile_mode)
     return Accelerator(
         mixed_precision=cfg.precision.mixed_precision.value,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
@@ -289,6 +302,9 @@ def train(cfg: Config, run_dir: Path | str) -> dict:
     """Train a LoRA as configured; write everything into `run_dir`; return the report."""
     # process-wide switches a run sets are put back afterwards: the next job of an in-process sweep starts clean
     with kernel_flags_kept(), contextlib.ExitStack() as scope:
+        if cfg.trainer.compile or cfg.trainer.compile_encoders:
+            # this run's compiled graphs (and their CUDA-graph memory pool) hold its modules: let them go
+            scope.callback(torch._dynamo.reset)
         return _train(cfg, run_dir, scope)
 
 
@@ -299,7 +315,11 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
     graphs_before = compiled_graphs()
     run_dir = Path(run_dir)
     backend, model_path, table, val_table = checks_before_work(cfg)
-    accelerator = build_accelerator(cfg, backend, run_dir)
+    compile_mode = compile_mode_for(cfg.trainer, backend.name, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.trainer.compile_mode == "auto" and (cfg.trainer.compile or cfg.trainer.compile_encoders):
+        log.info("trainer.compile_mode=auto: %s", "reduce-overhead (CUDA graphs)" if compile_mode else
+                 "torch.compile's default mode (CUDA graphs only for one CUDA process without gradient accumulation)")
+    accelerator = build_accelerator(cfg, backend, run_dir, compile_mode)
     # training, validation loss and validation images alike, once the process's device is known
     scope.enter_context(sdp_kernel_order(cfg.model.sdp_kernel, accelerator.device))
     fingerprint = run_fingerprint(cfg, model_path, table, accelerator.num_processes)
@@ -313,7 +333,7 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
     if cfg.trainer.allow_tf32:
         backend.enable_tf32()
     applied = {"kernel_autotune": bool(cfg.trainer.kernel_autotune and backend.enable_kernel_autotune()),
-               "compile_encoders": False}  # what the report says the run had, not what was asked
+               "compile_encoders": False, "compile_mode": compile_mode}  # what the report says the run had, not what was asked
     if cfg.trainer.kernel_autotune and not applied["kernel_autotune"]:
         log.info("trainer.kernel_autotune: device=%s has no convolution autotuning switch; left as it is", backend.name)
 
@@ -326,9 +346,9 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
             log.info("trainer.compile_encoders: dataset.cache=true, the VAE encoder does not run in the steps; "
                      "left uncompiled")
         else:  # a third of the reference step's FLOPs is this encode (../shared/performance.md)
-            comps.vae.encoder = torch.compile(comps.vae.encoder, mode=cfg.trainer.compile_mode)
+            comps.vae.encoder = torch.compile(comps.vae.encoder, mode=compile_mode)
             applied["compile_encoders"] = True
-            log.info("trainer.compile_encoders: the VAE encoder is compiled (mode %s)", cfg.trainer.compile_mode)
+            log.info("trainer.compile_encoders: the VAE encoder is compiled (mode %s)", compile_mode or "default")
     lora_params = add_lora(comps.unet, cfg.model.attention, cfg.model.lora)
     if cfg.trainer.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
@@ -676,7 +696,7 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "sdp_kernel": cfg.model.sdp_kernel.value,
         "sdp_priority_order": sdp_priority_order(),  # as torch held it at the end of training
         # the speed switches: as configured, and as applied where the device or the data can refuse them
-        "switches": {"compile": cfg.trainer.compile, "compile_mode": cfg.trainer.compile_mode,
+        "switches": {"compile": cfg.trainer.compile, "compile_mode": applied["compile_mode"],
                      "compile_encoders": applied["compile_encoders"],
                      "channels_last": cfg.trainer.channels_last, "kernel_autotune": applied["kernel_autotune"],
                      "gc_every_n_steps": cfg.trainer.gc_every_n_steps, "allow_tf32": cfg.trainer.allow_tf32,

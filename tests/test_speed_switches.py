@@ -192,6 +192,11 @@ def test_trace_summary_counts_overlapping_kernels_once_and_sorts_them_by_kind():
     assert s["by_kind"]["attention"]["ms_per_step"] == 0.2
     assert kernel_category("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
     assert kernel_category("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "matmul"
+    # Inductor's kernels are named after the ops they fuse, which may read like another kind
+    assert kernel_category("triton_poi_fused__to_copy_convolution_native_group_norm_0") == "fused (Inductor)"
+    assert kernel_category("triton_poi_fused_convert_element_type_1") == "fused (Inductor)"
+    assert kernel_category("sm90_xmma_dgrad_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert kernel_category("void at::native::elementwise_kernel<128, 4>") == "other"
     # on the CPU there is no device time: only the host's
     cpu = trace_summary({"traceEvents": trace["traceEvents"][:2]})
     assert cpu["device_busy_fraction"] is None and cpu["host_ms_per_step"] == 2.0
@@ -215,3 +220,20 @@ def test_cuda_graphs_with_gradient_accumulation_are_refused_on_cuda(mode):
                  TrainerConfig(compile=False, compile_mode=mode, gradient_accumulation_steps=2)):
         check_cuda_graphs(fine, "cuda")
 
+
+
+def test_auto_compile_mode_records_cuda_graphs_only_where_they_were_measured_and_are_right():
+    """perf=throughput's compile_mode=auto: CUDA graphs for one CUDA process with one micro-batch per step;
+    torch.compile's default mode with several processes (not measured), under accumulation (wrong
+    gradients, pytorch#169545) and on other devices; an explicit mode is kept as it is."""
+    from sd_lora.train import check_cuda_graphs, compile_mode_for
+
+    auto = TrainerConfig(compile=True, compile_mode="auto")
+    assert compile_mode_for(auto, "cuda", 1) == "reduce-overhead"
+    assert compile_mode_for(auto, "cuda", 8) is None
+    assert compile_mode_for(auto, "cpu", 1) is None and compile_mode_for(auto, "gcu", 1) is None
+    accumulating = TrainerConfig(compile=True, compile_mode="auto", gradient_accumulation_steps=4)
+    assert compile_mode_for(accumulating, "cuda", 1) is None
+    check_cuda_graphs(accumulating, "cuda")  # auto never asks for what check_cuda_graphs refuses
+    for mode in (None, "reduce-overhead", "max-autotune-no-cudagraphs"):
+        assert compile_mode_for(TrainerConfig(compile=True, compile_mode=mode), "cuda", 8) == mode
