@@ -239,15 +239,16 @@ def check_cuda_graphs(t, backend_name: str) -> None:
                         "trainer.gradient_accumulation_steps=1")
 
 
-def compile_mode_for(t, backend_name: str, world_size: int) -> str | None:
+def compile_mode_for(t, backend_name: str, world_size: int, cached: bool = True) -> str | None:
     """trainer.compile_mode as torch.compile gets it. `auto` (perf=throughput's) records CUDA graphs where
-    they were measured to pay and known to be right: one process on CUDA, one micro-batch per optimizer step
-    (3.30x diffusers' loop on an H100 against 2.13x without, docs/performance.md). With several processes
-    (CUDA graphs under DDP not measured yet), gradient accumulation (check_cuda_graphs) or another device it
-    is torch.compile's default mode."""
+    they were measured to pay and known to be right: one process on CUDA, one micro-batch per optimizer step,
+    the embedding cache on (3.30x diffusers' loop on an H100 against 2.13x without, docs/performance.md).
+    With several processes (CUDA graphs under DDP not measured yet), gradient accumulation
+    (check_cuda_graphs), without the cache (the VAE encoder's graph beside the U-Net's, not measured) or on
+    another device it is torch.compile's default mode."""
     if t.compile_mode != "auto":
         return t.compile_mode
-    if backend_name == "cuda" and world_size == 1 and t.gradient_accumulation_steps == 1:
+    if backend_name == "cuda" and world_size == 1 and t.gradient_accumulation_steps == 1 and cached:
         return "reduce-overhead"
     return None
 
@@ -315,10 +316,12 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
     graphs_before = compiled_graphs()
     run_dir = Path(run_dir)
     backend, model_path, table, val_table = checks_before_work(cfg)
-    compile_mode = compile_mode_for(cfg.trainer, backend.name, int(os.environ.get("WORLD_SIZE", "1")))
+    compile_mode = compile_mode_for(cfg.trainer, backend.name, int(os.environ.get("WORLD_SIZE", "1")),
+                                    cfg.dataset.cache)
     if cfg.trainer.compile_mode == "auto" and (cfg.trainer.compile or cfg.trainer.compile_encoders):
         log.info("trainer.compile_mode=auto: %s", "reduce-overhead (CUDA graphs)" if compile_mode else
-                 "torch.compile's default mode (CUDA graphs only for one CUDA process without gradient accumulation)")
+                 "torch.compile's default mode (CUDA graphs only for one CUDA process with dataset.cache=true and "
+                 "no gradient accumulation)")
     accelerator = build_accelerator(cfg, backend, run_dir, compile_mode)
     # training, validation loss and validation images alike, once the process's device is known
     scope.enter_context(sdp_kernel_order(cfg.model.sdp_kernel, accelerator.device))
