@@ -247,13 +247,17 @@ def test_compiled_vae_encoder_trains_the_same_lora(run_dir, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "encoders"
-    result = run_launch(*TRAIN, "trainer.compile_encoders=true", "trainer.validation_prompts=[]",
-                        f"hydra.run.dir={out}")
+    result = run_launch(*TRAIN, "trainer.compile_encoders=true", "trainer.compile_mode=auto",
+                        "trainer.validation_prompts=[]", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["switches"]["compile_encoders"] is True and not report["cache"]
     assert report["compiled_graphs"] > 0  # torch.compile really compiled the encoder (the U-Net is not compiled)
-    assert "the VAE encoder is compiled" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "the VAE encoder is compiled (mode default)" in output
+    # compile_mode=auto on the CPU: the default mode, logged, and reported as the mode that ran
+    assert "trainer.compile_mode=auto: torch.compile's default mode" in output
+    assert report["switches"]["compile_mode"] is None
     name = "lora/pytorch_lora_weights.safetensors"
     base, compiled = load_file(run_dir / name), load_file(out / name)
     for key in base:
