@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,7 @@ import common  # noqa: E402  (bench/common.py, importable once bench/ is on the 
 
 
 ALL: dict[str, dict] = {}  # every run's report, rewritten to <out>/gpu_runs.json after each run
+LOCK = threading.Lock()
 
 
 def base_overrides(args) -> list[str]:
@@ -48,8 +50,9 @@ def launch(name: str, overrides: list[str], args, env: dict | None = None) -> di
                                 Path(args.out), timeout=args.run_timeout, env=env)
     if "error" in report:
         return report
-    ALL[name] = report
-    (Path(args.out) / "gpu_runs.json").write_text(json.dumps(ALL, indent=2))
+    with LOCK:  # --concurrent runs finish in threads of their own
+        ALL[name] = report
+        (Path(args.out) / "gpu_runs.json").write_text(json.dumps(ALL, indent=2))
 
     def s(key):  # a per-step time is None on a device without timing events
         return "n/a" if report.get(key) is None else f"{report[key]:.4f}"
