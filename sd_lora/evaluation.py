@@ -37,8 +37,16 @@ class ValidationSet:
 
 @torch.no_grad()
 def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise_scheduler, device,
-                         dtype: torch.dtype, num_timesteps: int, seed: int) -> ValidationSet:
-    latents, texts, skipped = [], [], []
+                         dtype: torch.dtype, num_timesteps: int, seed: int, batch_size: int = 8) -> ValidationSet:
+    pixels, captions, latents, texts, skipped = [], [], [], [], []
+
+    def encode() -> None:  # a few at a time, like the embedding cache; no more images than that held at once
+        latents.append(vae.encode(torch.stack(pixels).to(device, dtype=dtype)).latent_dist.mean.float()
+                       * vae.config.scaling_factor)
+        texts.append(text_encoder(tokenize(tokenizer, captions).to(device), return_dict=False)[0].float())
+        pixels.clear()
+        captions.clear()
+
     for index in range(len(table)):
         row = table[index]
         cell = row[cfg_dataset.image_column]
@@ -54,11 +62,12 @@ def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise
                                 f"{[type(c).__name__ for c in caption][:5]}, no text; set dataset.caption_column to "
                                 "the text column")
             caption = texts_in_cell[0]
-        caption = pick_caption(caption, index, cfg_dataset.caption_column)
-        pixels = train_transform(image, cfg_dataset.resolution, center_crop=True, random_flip=False)
-        posterior = vae.encode(pixels[None].to(device, dtype=dtype)).latent_dist
-        latents.append(posterior.mean.float() * vae.config.scaling_factor)
-        texts.append(text_encoder(tokenize(tokenizer, [caption]).to(device), return_dict=False)[0].float())
+        captions.append(pick_caption(caption, index, cfg_dataset.caption_column))
+        pixels.append(train_transform(image, cfg_dataset.resolution, center_crop=True, random_flip=False))
+        if len(pixels) == batch_size:
+            encode()
+    if pixels:
+        encode()
     if not latents and skipped:
         raise UserError(f"dataset.on_bad_image=skip: none of the {len(table)} held-out images can be decoded (rows "
                         f"{skipped[:5]}{' ...' if len(skipped) > 5 else ''}); fix or remove them, or hold out other "

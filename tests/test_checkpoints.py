@@ -377,12 +377,29 @@ def tiny_parts(tiny_model_path):
     return load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)), Path(tiny_model_path))
 
 
-def held_out_set(table, parts, **dataset):
+def held_out_set(table, parts, batch_size=8, **dataset):
     from sd_lora.evaluation import build_validation_set
 
     return build_validation_set(table, DatasetConfig(path="d", resolution=16, **dataset), parts.tokenizer, parts.vae,
                                 parts.text_encoder, parts.noise_scheduler, "cpu", torch.float32, num_timesteps=2,
-                                seed=0)
+                                seed=0, batch_size=batch_size)
+
+
+def test_held_out_rows_encoded_in_batches_match_one_at_a_time(tiny_parts):
+    """The held-out rows are encoded a few at a time (a last, smaller batch too, and around a skipped row):
+    each sample keeps its own latent and text embedding, in row order."""
+    table = table_of([f"caption {i}" for i in range(7)], broken={2})
+    batched = held_out_set(table, tiny_parts, batch_size=3, on_bad_image=OnFailure.skip)
+    single = held_out_set(table, tiny_parts, batch_size=1, on_bad_image=OnFailure.skip)
+    assert batched.num_samples == single.num_samples == 6
+    torch.testing.assert_close(batched.latents, single.latents, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.encoder_hidden_states, single.encoder_hidden_states, rtol=1e-4, atol=1e-5)
+    assert torch.equal(batched.timesteps, single.timesteps) and torch.equal(batched.noise, single.noise)
+    # row order: the 4th sample (table row 4, after the skipped row 2) is row 4's image and caption
+    alone = held_out_set(table.select([4]), tiny_parts)
+    torch.testing.assert_close(batched.latents[3 * 2], alone.latents[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.encoder_hidden_states[3 * 2], alone.encoder_hidden_states[0],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_held_out_bad_images_follow_on_bad_image(tiny_parts, caplog):
