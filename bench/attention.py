@@ -5,7 +5,7 @@
 The U-Net's self-attention at the four levels of a 96 x 96 latent (9216, 2304, 576, 144 tokens; 5, 10,
 20, 20 heads of 64) and its cross-attention to 77 text tokens. For each shape, each kernel torch has
 (flash, memory-efficient, cuDNN, math) and torch's own choice ("auto", what `model.sdp_kernel=auto`
-gets) are timed with CUDA events; a kernel that cannot run a shape is marked "n/a". The last column
+gets) are timed with CUDA events; a kernel that cannot run a shape is marked "n/a". The last row
 weights each shape by how often SD 2.1 runs it per U-Net pass, which is what `model.sdp_kernel` changes.
 """
 

@@ -14,6 +14,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def base_overrides(device: str, model, data, resolution: int, workers: int, batch: int, work) -> list[str]:
+    """What every bench run of the trainer sets: model, data at `resolution` (centre crop, random flip), loader,
+    batch, the embedding cache under <work>/cache, no validation images, no checkpoints but the last."""
+    return [f"device={device}", f"model.pretrained_model_name_or_path={model}", f"dataset.path={data}",
+            f"dataset.resolution={resolution}", "dataset.center_crop=true", "dataset.random_flip=true",
+            f"dataset.num_workers={workers}", f"trainer.train_batch_size={batch}", "trainer.validation_prompts=[]",
+            "trainer.checkpointing_steps=null", f"dataset.cache_dir={Path(work) / 'cache'}"]
+
+
 def trainer_command(run_dir: Path, overrides: list[str]) -> list[str]:
     """`python launch.py OVERRIDES hydra.run.dir=RUN_DIR`: the loop users run, never a bench-only path."""
     return [sys.executable, str(ROOT / "launch.py"), *overrides, f"hydra.run.dir={run_dir}"]
@@ -48,7 +57,8 @@ def communicate(proc: subprocess.Popen, timeout: float | None, run_dir: Path) ->
     """(stdout, stderr) of a trainer started in its own process group; past `timeout` seconds the whole group
     (its worker processes too) is killed and stderr ends with the note and the tail of its launch.log."""
     try:
-        return proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return stdout or "", stderr or ""  # "" for an output sent to a file
     except subprocess.TimeoutExpired:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -56,8 +66,8 @@ def communicate(proc: subprocess.Popen, timeout: float | None, run_dir: Path) ->
             pass
         stdout, stderr = proc.communicate()
         log_file = run_dir / "launch.log"
-        return stdout, stderr + (f"\nstopped after {timeout:g} s; launch.log ends:\n"
-                                 + (log_file.read_text()[-3000:] if log_file.is_file() else ""))
+        return stdout or "", (stderr or "") + (f"\nstopped after {timeout:g} s; launch.log ends:\n"
+                                               + (log_file.read_text()[-3000:] if log_file.is_file() else ""))
 
 
 def precompile(jobs: list[tuple[str, list[str], Path, dict | None]], timeout: float | None = None) -> None:
@@ -70,15 +80,19 @@ def precompile(jobs: list[tuple[str, list[str], Path, dict | None]], timeout: fl
     for name, overrides, run_dir, env in jobs:
         cmd = trainer_command(run_dir, [*overrides, "trainer.max_train_steps=2", "trainer.skip_steps=0",
                                         "trainer.profile_steps=0"])
-        procs.append((name, run_dir, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                                      text=True, start_new_session=True,
-                                                      env={**os.environ, **(env or {})})))
-    for name, run_dir, proc in procs:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # output to a file, not a pipe read one job after another: a job that fills its pipe would stop compiling
+        output = open(run_dir / "precompile.out", "w")
+        procs.append((name, run_dir, output, subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT,
+                                                              start_new_session=True, env={**os.environ, **(env or {})})))
+    for name, run_dir, output, proc in procs:
         left = None if timeout is None else max(timeout - (time.perf_counter() - started), 0.1)
-        _, err = communicate(proc, left, run_dir)
+        _, note = communicate(proc, left, run_dir)
+        output.close()
         if proc.returncode != 0:
-            print(f"precompile {name} failed (exit {proc.returncode}):\n{err[-1500:]}", flush=True)
-    print(f"precompiled {', '.join(name for name, _, _ in procs)} in {time.perf_counter() - started:.0f} s", flush=True)
+            text = (run_dir / "precompile.out").read_text(errors="replace")
+            print(f"precompile {name} failed (exit {proc.returncode}):\n{text[-1500:]}{note or ''}", flush=True)
+    print(f"precompiled {', '.join(name for name, *_ in procs)} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def facts(device: str) -> dict:

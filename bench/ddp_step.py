@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -107,7 +108,7 @@ def main() -> None:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         times = [b.seconds_since(a) for a, b in zip(marks, marks[1:])][args.skip:]
-        p90 = sorted(times)[-(len(times) // 10) - 1]
+        p90 = sorted(times)[math.ceil(0.9 * len(times)) - 1]  # nearest rank, as the trainer's report
         median = torch.tensor([statistics.median(times), p90], device=device)
         everyone = [torch.zeros_like(median) for _ in range(world)]
         dist.all_gather(everyone, median)
@@ -117,8 +118,6 @@ def main() -> None:
             print(json.dumps({"mode": mode, "position": position, "world_size": world, "compiled": args.compile,
                               "median_s": max(per_rank), "per_rank": per_rank, "p90_per_rank": p90_per_rank}),
                   flush=True)
-        if isinstance(model, DistributedDataParallel):
-            del model
         dist.barrier()
     dist.destroy_process_group()
 

@@ -38,15 +38,9 @@ ALL: dict[str, dict] = {}  # every run's report, rewritten to <out>/gpu_runs.jso
 LOCK = threading.Lock()
 
 
-def base_overrides(args) -> list[str]:
-    return [f"device={args.device}", f"model.pretrained_model_name_or_path={args.model}", f"dataset.path={args.data}",
-            f"dataset.resolution={args.resolution}", "dataset.center_crop=true", "dataset.random_flip=true",
-            f"dataset.num_workers={args.workers}", "trainer.train_batch_size=4", "trainer.validation_prompts=[]",
-            "trainer.checkpointing_steps=null", f"dataset.cache_dir={Path(args.work) / 'cache'}"]
-
-
 def launch(name: str, overrides: list[str], args, env: dict | None = None) -> dict:
-    report = common.run_trainer(name, [*base_overrides(args), *overrides], Path(args.work) / "runs" / name,
+    base = common.base_overrides(args.device, args.model, args.data, args.resolution, args.workers, 4, args.work)
+    report = common.run_trainer(name, [*base, *overrides], Path(args.work) / "runs" / name,
                                 Path(args.out), timeout=args.run_timeout, env=env)
     if "error" in report:
         return report
@@ -63,12 +57,6 @@ def launch(name: str, overrides: list[str], args, env: dict | None = None) -> di
           f"peak {report['peak_memory_gib']:.2f} GiB, loss {report['final_loss']:.4f}, "
           f"{report['process_wall_s']:.0f} s", flush=True)
     return report
-
-
-def overridden(base: list[str], extra: list[str]) -> list[str]:
-    """`base` with every key that `extra` sets taken out, then `extra`."""
-    keys = {x.split("=")[0] for x in extra}
-    return [x for x in base if x.split("=")[0] not in keys] + extra
 
 
 def visible(n: int, args) -> dict:
@@ -126,10 +114,11 @@ def main() -> None:
                   f"{r['peak_memory_gib']:.2f} GiB | {r['final_loss']:.4f} (finite: {math.isfinite(r['final_loss'])}) |")
 
     precision = "fp16" if args.device == "cuda" else "fp32"
-    scaling = overridden([f"precision={precision}", "model.attention=sdp", "perf=none", "dataset.cache=true",
-                          "dataset.drop_last=true", "trainer.channels_last=true", "trainer.log_every_n_steps=10",
-                          f"trainer.max_train_steps={args.steps}", f"trainer.skip_steps={args.skip}"],
-                         [x for x in args.extra.split(",") if x])
+    # --extra comes last: Hydra takes the last value given for a key
+    scaling = [f"precision={precision}", "model.attention=sdp", "perf=none", "dataset.cache=true",
+               "dataset.drop_last=true", "trainer.channels_last=true", "trainer.log_every_n_steps=10",
+               f"trainer.max_train_steps={args.steps}", f"trainer.skip_steps={args.skip}",
+               *[x for x in args.extra.split(",") if x]]
     counts = [int(x) for x in args.scaling.split(",") if x]
     if args.precompile and counts:
         # one job per process count, side by side on GPUs 0..N-1 (they share the GPUs: compiling is the host's

@@ -64,7 +64,7 @@ def main() -> None:
     from sd21 import SD21_UNET
 
     from sd_lora.config import Attention, LoraSettings
-    from sd_lora.model import add_lora
+    from sd_lora.model import add_lora, attention_processor
 
     print(f"torch {torch.__version__}; SD 2.1 U-Net, one forward + backward at a {args.latent}x{args.latent} latent\n")
     print("| LoRA rank | operations dispatched | views and metadata | top operations |")
@@ -76,9 +76,7 @@ def main() -> None:
         if rank:
             add_lora(unet, Attention.sdp, LoraSettings(rank=rank))
         else:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            unet.set_attn_processor(AttnProcessor2_0())
+            unet.set_attn_processor(attention_processor(Attention.sdp))
         ops, views, by_name = count_step(unet, rank, args.latent)
         top = ", ".join(f"{name.removeprefix('aten::')} {n}" for name, n in by_name.most_common(6))
         print(f"| {rank or 'none'} | {ops} | {views} | {top} |", flush=True)

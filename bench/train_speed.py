@@ -14,15 +14,16 @@ data set at the training resolution, then measures in this one process tree:
   reference   what diffusers' train_text_to_image_lora.py does each step: VAE encode + text encoder +
               U-Net with AttnProcessor2_0 under fp16 autocast, LoRA rank 4 on to_q/k/v/out.0, foreach
               AdamW, clipping, loss read back every step; no compile, no caching
-  nocache     the framework's trainer (`python launch.py`, the loop users run) with the throughput
-              levers except the cache: the same work per step as the reference
-  throughput  `perf=throughput`
+  the trainer's variants (VARIANTS below: the overrides of each), among them
+  throughput  `perf=throughput`, the framework's trainer (`python launch.py`, the loop users run)
+  nocache     the same without the cache: the same work per step as the reference
   memory      `perf=memory`
 It prints a table: s/step after --skip steps, median and mean (the reference: from one synchronised step's
 end to the next, its wait for the batch included, as in the trainer's; the step alone is printed below the
 table; the trainer: report.json's median of per-step device-event times and its wall-time mean), images/s, peak allocated memory, MFU (U-Net forward +
 backward FLOPs per step, counted with torch.utils.flop_counter, over step time over the measured fp16
-matmul rate), and the ratio of images/s to the reference's. Full numbers go to <work>/results.json.
+matmul rate), and the ratio of images/s to the reference's. Full numbers go to <out>/results.json (the
+reference keyed like report.json: seconds_per_step the mean, seconds_per_step_median the median).
 """
 
 from __future__ import annotations
@@ -131,10 +132,8 @@ def reference_loop(model_path: Path, data: Path, args) -> dict:
     for p in params:
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-4)  # foreach, as torch picks on CUDA
-    table = load_table(DatasetConfig(path=str(data), resolution=args.resolution, center_crop=True, random_flip=True))
-    loader = build_dataloader(CaptionedImages(table, DatasetConfig(path=str(data), resolution=args.resolution,
-                                                                   center_crop=True, random_flip=True),
-                                              comps.tokenizer),
+    dataset_cfg = DatasetConfig(path=str(data), resolution=args.resolution, center_crop=True, random_flip=True)
+    loader = build_dataloader(CaptionedImages(load_table(dataset_cfg), dataset_cfg, comps.tokenizer),
                               args.batch, args.workers, 0, pin_memory=args.device == "cuda")
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     if args.device == "cuda":
@@ -167,19 +166,11 @@ def reference_loop(model_path: Path, data: Path, args) -> dict:
     timed, timed_iterations = times[args.skip:], iterations[args.skip:]
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
     # like for like with the trainer, whose step times run from one step's end to the next: batch wait included
-    return {"seconds_per_step": statistics.median(timed_iterations),
-            "mean_seconds_per_step": statistics.mean(timed_iterations),
+    # keyed as the trainer's report.json: seconds_per_step the mean, seconds_per_step_median the median
+    return {"seconds_per_step_median": statistics.median(timed_iterations),
+            "seconds_per_step": statistics.mean(timed_iterations),
             "step_only_median_s": statistics.median(timed), "step_only_mean_s": statistics.mean(timed),
             "peak_memory_bytes": peak, "first_step_s": times[0]}
-
-
-def base_overrides(model_path: Path, data: Path, args) -> list[str]:
-    precision = "fp16" if args.device == "cuda" else "fp32"
-    return [f"device={args.device}", f"precision={precision}", f"model.pretrained_model_name_or_path={model_path}",
-            f"dataset.path={data}", f"dataset.resolution={args.resolution}", "dataset.center_crop=true",
-            "dataset.random_flip=true", f"dataset.num_workers={args.workers}", f"trainer.train_batch_size={args.batch}",
-            f"trainer.max_train_steps={args.steps}", f"trainer.skip_steps={args.skip}", "trainer.validation_prompts=[]",
-            "trainer.checkpointing_steps=null", f"dataset.cache_dir={Path(args.work) / 'cache'}"]
 
 
 def main() -> None:
@@ -223,7 +214,9 @@ def main() -> None:
     torch.cuda.empty_cache() if args.device == "cuda" else None
     print(json.dumps(facts), flush=True)
 
-    base = base_overrides(model_path, data, args)
+    base = [*common.base_overrides(args.device, model_path, data, args.resolution, args.workers, args.batch, args.work),
+            f"precision={'fp16' if args.device == 'cuda' else 'fp32'}", f"trainer.max_train_steps={args.steps}",
+            f"trainer.skip_steps={args.skip}"]
     runs = Path(args.work) / "runs"
     if args.precompile:
         names = args.variants.split(",") if args.precompile == "all" else args.precompile.split(",")
@@ -245,10 +238,8 @@ def main() -> None:
 
 
 def step_times(r: dict) -> tuple[float | None, float | None]:
-    """(median, mean) s/step of a reference result or a trainer report."""
-    if "seconds_per_step_median" in r:  # the trainer's report: per-step device events, and wall time / steps
-        return r["seconds_per_step_median"], r["seconds_per_step"]
-    return r.get("seconds_per_step"), r.get("mean_seconds_per_step")
+    """(median, mean) s/step of a reference result or a trainer report (keyed alike)."""
+    return r.get("seconds_per_step_median"), r.get("seconds_per_step")
 
 
 def print_table(facts: dict, results: dict, batch: int) -> None:
@@ -277,7 +268,7 @@ def print_table(facts: dict, results: dict, batch: int) -> None:
         step_only = r["step_only_median_s"]
         print(f"\nThe reference's times run from one step's end to the next, as the trainer's do (its wait for "
               f"the next batch included). Without that wait: {step_only:.4f} s/step median, "
-              f"{r['step_only_mean_s']:.4f} mean; the throughput rows against it: " + ", ".join(
+              f"{r['step_only_mean_s']:.4f} mean; the trainer's rows against it: " + ", ".join(
                   f"{name} {step_only / step_times(x)[0]:.2f}x" for name, x in results.items()
                   if name != "reference" and step_times(x)[0]))
 

@@ -76,8 +76,6 @@ def kernel_category(name: str) -> str:
         return "matmul"
     if any(k in n for k in ("adam", "foreach", "multi_tensor", "amp_")):
         return "optimizer, grad scaler"
-    if "memcpy" in n or "memset" in n:
-        return "copy, fill"
     return "other"
 
 

@@ -336,7 +336,7 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
     if cfg.trainer.allow_tf32:
         backend.enable_tf32()
     applied = {"kernel_autotune": bool(cfg.trainer.kernel_autotune and backend.enable_kernel_autotune()),
-               "compile_encoders": False, "compile_mode": compile_mode}  # what the report says the run had, not what was asked
+               "compile_encoders": False, "compile_mode": compile_mode if cfg.trainer.compile else None}  # what the report says the run had, not what was asked
     if cfg.trainer.kernel_autotune and not applied["kernel_autotune"]:
         log.info("trainer.kernel_autotune: device=%s has no convolution autotuning switch; left as it is", backend.name)
 
@@ -350,7 +350,7 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
                      "left uncompiled")
         else:  # a third of the reference step's FLOPs is this encode (../shared/performance.md)
             comps.vae.encoder = torch.compile(comps.vae.encoder, mode=compile_mode)
-            applied["compile_encoders"] = True
+            applied["compile_encoders"], applied["compile_mode"] = True, compile_mode
             log.info("trainer.compile_encoders: the VAE encoder is compiled (mode %s)", compile_mode or "default")
     lora_params = add_lora(comps.unet, cfg.model.attention, cfg.model.lora)
     if cfg.trainer.gradient_checkpointing:
