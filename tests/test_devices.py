@@ -108,14 +108,22 @@ def test_gcu_step_marks_only_where_torch_gcu_has_events(fake_gcu):
 def test_kernel_flags_are_put_back_after_a_run():
     from sd_lora.devices import kernel_flags_kept
 
-    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
-    with pytest.raises(RuntimeError):
-        with kernel_flags_kept():
-            CudaBackend().enable_kernel_autotune()  # flags only: no GPU needed to set them
-            CudaBackend().enable_tf32()
-            assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-            raise RuntimeError("a failed run")
-    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == before
+    def flags():
+        return (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+    kept = flags()
+    torch.backends.cudnn.allow_tf32 = False  # torch's default is True: start from off, so a restore shows
+    try:
+        before = flags()
+        with pytest.raises(RuntimeError):
+            with kernel_flags_kept():
+                CudaBackend().enable_kernel_autotune()  # flags only: no GPU needed to set them
+                CudaBackend().enable_tf32()
+                assert flags() == (True, True, True)
+                raise RuntimeError("a failed run")
+        assert flags() == before and before[2] is False
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = kept
 
 
 def test_gcu_transfer_to_gcu_is_imported_when_enabled(fake_gcu):

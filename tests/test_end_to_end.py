@@ -184,13 +184,20 @@ def test_resume_continues_from_the_latest_checkpoint(run_dir, tmp_path):
 
 
 def test_resuming_a_finished_run_trains_nothing_more(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
     finished = tmp_path / "finished"
     shutil.copytree(run_dir, finished)
+    (finished / "report.json").unlink()  # written again by the resumed run, not left over from the first
+    shutil.rmtree(finished / "lora")
     result = run_launch(*TRAIN, "trainer.resume_from_checkpoint=latest", "trainer.validation_prompts=[]",
                         f"hydra.run.dir={finished}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "nothing left to train" in result.stdout + result.stderr
     assert json.loads((finished / "report.json").read_text())["global_step"] == 6
+    name = "lora/pytorch_lora_weights.safetensors"  # the checkpoint's weights, not one step more
+    first, again = load_file(run_dir / name), load_file(finished / name)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_hub_cache_is_used_offline(tiny_model_path, tmp_path):
