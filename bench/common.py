@@ -70,12 +70,14 @@ def communicate(proc: subprocess.Popen, timeout: float | None, run_dir: Path) ->
                                                + (log_file.read_text()[-3000:] if log_file.is_file() else ""))
 
 
-def precompile(jobs: list[tuple[str, list[str], Path, dict | None]], timeout: float | None = None) -> None:
+def precompile(jobs: list[tuple[str, list[str], Path, dict | None]], timeout: float | None = None,
+               out: Path | None = None) -> None:
     """Run the trainer jobs (name, overrides, run dir, extra environment) at once for 2 steps each, so that
     each fills Inductor's on-disk cache with its graphs while the others compile too; the timed runs after
     it find their graphs there. A cold compile of the SD 2.1 U-Net takes minutes: in a row, several would
     not fit one device call. With trainer.compile off this only builds the embedding cache. A job still
-    running `timeout` seconds after the start is stopped (with its worker processes) and reported failed."""
+    running `timeout` seconds after the start is stopped (with its worker processes) and reported failed. Each
+    job's output ends up in <out>/<name>.log too."""
     started, procs = time.perf_counter(), []
     for name, overrides, run_dir, env in jobs:
         cmd = trainer_command(run_dir, [*overrides, "trainer.max_train_steps=2", "trainer.skip_steps=0",
@@ -89,8 +91,11 @@ def precompile(jobs: list[tuple[str, list[str], Path, dict | None]], timeout: fl
         left = None if timeout is None else max(timeout - (time.perf_counter() - started), 0.1)
         _, note = communicate(proc, left, run_dir)
         output.close()
+        text = (run_dir / "precompile.out").read_text(errors="replace")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{name}.log").write_text(text[-40000:] + (note or ""))
         if proc.returncode != 0:
-            text = (run_dir / "precompile.out").read_text(errors="replace")
             print(f"precompile {name} failed (exit {proc.returncode}):\n{text[-1500:]}{note or ''}", flush=True)
     print(f"precompiled {', '.join(name for name, *_ in procs)} in {time.perf_counter() - started:.0f} s", flush=True)
 

@@ -12,7 +12,8 @@ from the mean step time and from the median of per-step times. --extra adds over
 trainer.profile_steps=5 also copies rank 0's operator table and busy-time summary of each run to
 <out>/<run>-profile.txt and .summary.txt).
 --concurrent N: N unrelated 1-GPU jobs at once, one per GPU: what sharing the host costs without all-reduce.
---precompile (with --extra perf=throughput): compile every process count's graphs side by side first.
+--precompile [COUNTS] (with --extra perf=throughput): compile every process count's graphs (or those of COUNTS)
+side by side first.
 --run-timeout S: stop a run (its worker processes too) after S seconds and report it failed; the precompile
 as a whole gets the same limit.
 Every run's report.json goes into <out>/gpu_runs.json, its output into <out>/<run>.log.
@@ -38,9 +39,13 @@ ALL: dict[str, dict] = {}  # every run's report, rewritten to <out>/gpu_runs.jso
 LOCK = threading.Lock()
 
 
+def common_overrides(args) -> list[str]:
+    """Model, data, loader, batch 4 and cache of every run, the precompile's too."""
+    return common.base_overrides(args.device, args.model, args.data, args.resolution, args.workers, 4, args.work)
+
+
 def launch(name: str, overrides: list[str], args, env: dict | None = None) -> dict:
-    base = common.base_overrides(args.device, args.model, args.data, args.resolution, args.workers, 4, args.work)
-    report = common.run_trainer(name, [*base, *overrides], Path(args.work) / "runs" / name,
+    report = common.run_trainer(name, [*common_overrides(args), *overrides], Path(args.work) / "runs" / name,
                                 Path(args.out), timeout=args.run_timeout, env=env)
     if "error" in report:
         return report
@@ -55,6 +60,7 @@ def launch(name: str, overrides: list[str], args, env: dict | None = None) -> di
           f"p90 {s('seconds_per_step_p90')}, max {s('seconds_per_step_max')}), "
           f"{report['samples_per_second']:.1f} samples/s, "
           f"peak {report['peak_memory_gib']:.2f} GiB, loss {report['final_loss']:.4f}, "
+          f"{report['compiled_graphs']} graphs compiled ({report['cudagraph_skips']} without CUDA graphs), "
           f"{report['process_wall_s']:.0f} s", flush=True)
     return report
 
@@ -74,8 +80,10 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=10, help="untimed steps at the start of each scaling run")
     parser.add_argument("--concurrent", type=int, default=0,
                         help="also run this many independent 1-GPU jobs at once, one per GPU, no DDP")
-    parser.add_argument("--precompile", action="store_true",
-                        help="fill Inductor's cache for the scaling runs side by side before timing them")
+    parser.add_argument("--precompile", nargs="?", const="all", default="",
+                        help="fill Inductor's cache side by side before timing: for every --scaling count, or for "
+                             "the comma-separated counts given (one process's graph serves every count unless "
+                             "trainer.compile_ddp_split=true)")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds after which a run is stopped and reported failed (default: none)")
     parser.add_argument("--extra", default="", help="more overrides for the scaling runs, comma-separated")
@@ -120,13 +128,14 @@ def main() -> None:
                f"trainer.max_train_steps={args.steps}", f"trainer.skip_steps={args.skip}",
                *[x for x in args.extra.split(",") if x]]
     counts = [int(x) for x in args.scaling.split(",") if x]
-    if args.precompile and counts:
+    precompiled = counts if args.precompile == "all" else [int(x) for x in args.precompile.split(",") if x]
+    if precompiled:
         # one job per process count, side by side on GPUs 0..N-1 (they share the GPUs: compiling is the host's
-        # work, and the step of this model needs under 10 GiB). Every count gets its own job: on 2026-11-28 a
-        # 4-GPU run with only the 2-GPU job's graphs in the cache had not reached its 30th step 64 s in
-        common.precompile([(f"precompile{n}", [*scaling, f"device.num_processes={n}"],
-                            Path(args.work) / "runs" / f"precompile{n}", visible(n, args)) for n in counts],
-                          timeout=args.run_timeout)
+        # work, and the step of this model needs under 10 GiB). The graph under DDP is not the one process's
+        # (on the CPU, torch 2.13, a 2-process run compiled again after a 1-process one), so each count its own job
+        common.precompile([(f"precompile{n}", [*common_overrides(args), *scaling, f"device.num_processes={n}"],
+                            Path(args.work) / "runs" / f"precompile{n}", visible(n, args)) for n in precompiled],
+                          timeout=args.run_timeout, out=Path(args.out))
     results = {}
     for n in counts:
         results[n] = launch(f"gpus{n}", [*scaling, f"device.num_processes={n}"], args)

@@ -221,7 +221,7 @@ def main() -> None:
     if args.precompile:
         names = args.variants.split(",") if args.precompile == "all" else args.precompile.split(",")
         common.precompile([(n, [*base, *VARIANTS[n]], runs / f"precompile-{n}", None)
-                           for n in names if n != "reference"])
+                           for n in names if n != "reference"], out=args.out)
     results = {}
     for name in args.variants.split(","):
         t = time.perf_counter()

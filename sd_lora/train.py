@@ -323,6 +323,14 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
                  "torch.compile's default mode (CUDA graphs only for one CUDA process with dataset.cache=true and "
                  "no gradient accumulation)")
     accelerator = build_accelerator(cfg, backend, run_dir, compile_mode)
+    if cfg.trainer.compile and accelerator.num_processes > 1:
+        # torch's default under DDP (DDPOptimizer) splits the compiled graph at DDP's gradient buckets so that each
+        # bucket's all-reduce overlaps the rest of the backward. A LoRA's gradients are a few MB (SD 2.1, rank 4:
+        # about 3 MB in fp32), one or two buckets whose all-reduce is short: little to overlap, while the split
+        # gives the graph a shape of its own (its own compile, not the one process's) and CUDA graphs a break.
+        # So one graph unless trainer.compile_ddp_split asks for the split; DDP's hooks then all-reduce after the
+        # compiled backward. torch compiles at the first step: the setting holds for the run, put back after it.
+        scope.enter_context(torch._dynamo.config.patch(optimize_ddp=cfg.trainer.compile_ddp_split))
     # training, validation loss and validation images alike, once the process's device is known
     scope.enter_context(sdp_kernel_order(cfg.model.sdp_kernel, accelerator.device))
     fingerprint = run_fingerprint(cfg, model_path, table, accelerator.num_processes)
@@ -414,7 +422,8 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
         base = accelerator.unwrap_model(unet, keep_torch_compile=False)
         lora_file = save_lora(base, run_dir / "lora", metadata={"sd_lora_config": config_json(cfg)})
         report = build_report(cfg, accelerator, backend, model_path, state, timer, max_train_steps, lora_file,
-                              time.perf_counter() - t0, applied, compiled_graphs() - graphs_before)
+                              time.perf_counter() - t0, applied,
+                              [now - before for now, before in zip(compiled_graphs(), graphs_before)])
         (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         log.info("done: LoRA %s, report %s", lora_file, run_dir / "report.json")
     accelerator.end_training()
@@ -650,15 +659,16 @@ def _dist_backend() -> str | None:
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has compiled in this process so far (a count dynamo keeps)."""
+def compiled_graphs() -> tuple[int, int]:
+    """Graphs torch.compile has compiled in this process so far, and the graphs it ran without the CUDA graphs
+    its mode asked for (counts torch keeps; its `cudagraphs` log, TORCH_LOGS=cudagraphs, says why)."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"])
+    return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
 
 
 def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, state: RunState, timer: Timer,
-                 max_train_steps: int, lora_file: Path, wall_time: float, applied: dict, graphs: int) -> dict:
+                 max_train_steps: int, lora_file: Path, wall_time: float, applied: dict, graphs: list[int]) -> dict:
     seconds_per_step = timer.seconds_per_step()
     stats = timer.step_stats()
     global_batch = global_batch_size(cfg, accelerator.num_processes)
@@ -704,8 +714,11 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
                      "channels_last": cfg.trainer.channels_last, "kernel_autotune": applied["kernel_autotune"],
                      "gc_every_n_steps": cfg.trainer.gc_every_n_steps, "allow_tf32": cfg.trainer.allow_tf32,
                      "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
-                     "profile_steps": cfg.trainer.profile_steps},
-        "compiled_graphs": graphs,  # by torch.compile during this run
+                     "profile_steps": cfg.trainer.profile_steps,
+                     "compile_ddp_split": bool(cfg.trainer.compile and accelerator.num_processes > 1
+                                               and cfg.trainer.compile_ddp_split)},
+        "compiled_graphs": graphs[0],  # by torch.compile during this run
+        "cudagraph_skips": graphs[1],  # of those, run without the CUDA graphs their mode asked for
         "lora_rank": cfg.model.lora.rank,
         "lora_alpha": cfg.model.lora.lora_alpha,
         "lora_path": str(lora_file),

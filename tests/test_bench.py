@@ -38,6 +38,11 @@ def test_gpu_runs_scaling_runs_one_and_two_processes(tmp_path):
     reports = json.loads((out / "gpu_runs.json").read_text())
     assert (reports["gpus1"]["world_size"], reports["gpus2"]["world_size"]) == (1, 2)
     assert reports["gpus2"]["global_step"] == 4 and (out / "gpus2.log").is_file()
+    # the precompile ran the timed runs' model and data: they found the embedding cache it built
+    assert (out / "precompile1.log").is_file() and (out / "precompile2.log").is_file()
+    assert "using cached latents and text embeddings" in (out / "gpus1.log").read_text()
+    assert reports["gpus1"]["model_path"] == json.loads(
+        (tmp_path / "work" / "runs" / "precompile1" / "report.json").read_text())["model_path"]
 
 
 def gone(pid: int) -> bool:
