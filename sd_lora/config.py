@@ -257,8 +257,8 @@ class TrainerConfig:
     channels_last: bool = False  # U-Net and VAE weights and activations in NHWC memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the U-Net (through accelerate); its time shows in the report's first_step_s
     compile_encoders: bool = False  # dataset.cache=false: also torch.compile the VAE encoder, which then runs every step
-    compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs, or auto (reduce-overhead for one CUDA process with dataset.cache and no gradient accumulation, else the default)
-    compile_ddp_split: bool = False  # several processes, compiled U-Net: split its graph at DDP's gradient buckets so the all-reduce overlaps the backward (torch's DDPOptimizer); off: one graph, like one process's, and the LoRA gradients (a few MB) all-reduced after the backward
+    compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs, or auto (reduce-overhead on CUDA with dataset.cache and no gradient accumulation, else the default)
+    compile_ddp_split: bool = False  # several processes, compiled U-Net: split its graph at DDP's gradient buckets so the all-reduce overlaps the backward (torch's DDPOptimizer); off: one graph, and the LoRA's gradients (a few MB) all-reduced after the backward
     on_nonfinite_loss: OnFailure = OnFailure.error  # NaN/Inf loss or gradient norm: error (stop; checkpoints stay good) or skip the optimizer step (one host sync per step)
 
     def __post_init__(self):

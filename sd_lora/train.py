@@ -239,16 +239,16 @@ def check_cuda_graphs(t, backend_name: str) -> None:
                         "trainer.gradient_accumulation_steps=1")
 
 
-def compile_mode_for(t, backend_name: str, world_size: int, cached: bool = True) -> str | None:
+def compile_mode_for(t, backend_name: str, cached: bool = True) -> str | None:
     """trainer.compile_mode as torch.compile gets it. `auto` (perf=throughput's) records CUDA graphs where
-    they were measured to pay and known to be right: one process on CUDA, one micro-batch per optimizer step,
-    the embedding cache on (3.30x diffusers' loop on an H100 against 2.13x without, docs/performance.md).
-    With several processes (CUDA graphs under DDP not measured yet), gradient accumulation
+    they were measured to pay and known to be right: CUDA, one micro-batch per optimizer step, the embedding
+    cache on. One process: 3.30x diffusers' loop on an H100 against 2.13x without graphs; 1, 2 and 4 processes
+    of one H200 host: 0.98 and 0.95 of linear scaling (docs/performance.md). Under gradient accumulation
     (check_cuda_graphs), without the cache (the VAE encoder's graph beside the U-Net's, not measured) or on
     another device it is torch.compile's default mode."""
     if t.compile_mode != "auto":
         return t.compile_mode
-    if backend_name == "cuda" and world_size == 1 and t.gradient_accumulation_steps == 1 and cached:
+    if backend_name == "cuda" and t.gradient_accumulation_steps == 1 and cached:
         return "reduce-overhead"
     return None
 
@@ -316,18 +316,17 @@ def _train(cfg: Config, run_dir: Path | str, scope: contextlib.ExitStack) -> dic
     graphs_before = compiled_graphs()
     run_dir = Path(run_dir)
     backend, model_path, table, val_table = checks_before_work(cfg)
-    compile_mode = compile_mode_for(cfg.trainer, backend.name, int(os.environ.get("WORLD_SIZE", "1")),
-                                    cfg.dataset.cache)
+    compile_mode = compile_mode_for(cfg.trainer, backend.name, cfg.dataset.cache)
     if cfg.trainer.compile_mode == "auto" and (cfg.trainer.compile or cfg.trainer.compile_encoders):
         log.info("trainer.compile_mode=auto: %s", "reduce-overhead (CUDA graphs)" if compile_mode else
-                 "torch.compile's default mode (CUDA graphs only for one CUDA process with dataset.cache=true and "
-                 "no gradient accumulation)")
+                 "torch.compile's default mode (CUDA graphs only on CUDA with dataset.cache=true and no gradient "
+                 "accumulation)")
     accelerator = build_accelerator(cfg, backend, run_dir, compile_mode)
     if cfg.trainer.compile and accelerator.num_processes > 1:
         # torch's default under DDP (DDPOptimizer) splits the compiled graph at DDP's gradient buckets so that each
         # bucket's all-reduce overlaps the rest of the backward. A LoRA's gradients are a few MB (SD 2.1, rank 4:
-        # about 3 MB in fp32), one or two buckets whose all-reduce is short: little to overlap, while the split
-        # gives the graph a shape of its own (its own compile, not the one process's) and CUDA graphs a break.
+        # about 3 MB in fp32), two buckets whose all-reduce is short: little to overlap, while the split doubles
+        # the graphs (and the CUDA graphs). Measured on 4 H200s: the same step time either way (docs/performance.md).
         # So one graph unless trainer.compile_ddp_split asks for the split; DDP's hooks then all-reduce after the
         # compiled backward. torch compiles at the first step: the setting holds for the run, put back after it.
         scope.enter_context(torch._dynamo.config.patch(optimize_ddp=cfg.trainer.compile_ddp_split))
