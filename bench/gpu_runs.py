@@ -82,8 +82,8 @@ def main() -> None:
                         help="also run this many independent 1-GPU jobs at once, one per GPU, no DDP")
     parser.add_argument("--precompile", nargs="?", const="all", default="",
                         help="fill Inductor's cache side by side before timing: for every --scaling count, or for "
-                             "the comma-separated counts given (one process's graph serves every count unless "
-                             "trainer.compile_ddp_split=true)")
+                             "the comma-separated counts given (a 1-process job for the 1-GPU run, one multi-process "
+                             "job: on 2026-11-28 a 2-GPU run found a 4-process job's graph in the cache)")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds after which a run is stopped and reported failed (default: none)")
     parser.add_argument("--extra", default="", help="more overrides for the scaling runs, comma-separated")

@@ -220,7 +220,7 @@ def main() -> None:
     runs = Path(args.work) / "runs"
     if args.precompile:
         names = args.variants.split(",") if args.precompile == "all" else args.precompile.split(",")
-        common.precompile([(n, [*base, *VARIANTS[n]], runs / f"precompile-{n}", None)
+        common.precompile([(f"precompile-{n}", [*base, *VARIANTS[n]], runs / f"precompile-{n}", None)
                            for n in names if n != "reference"], out=args.out)
     results = {}
     for name in args.variants.split(","):

@@ -241,9 +241,10 @@ def check_cuda_graphs(t, backend_name: str) -> None:
 
 def compile_mode_for(t, backend_name: str, cached: bool = True) -> str | None:
     """trainer.compile_mode as torch.compile gets it. `auto` (perf=throughput's) records CUDA graphs where
-    they were measured to pay and known to be right: CUDA, one micro-batch per optimizer step, the embedding
-    cache on. One process: 3.30x diffusers' loop on an H100 against 2.13x without graphs; 1, 2 and 4 processes
-    of one H200 host: 0.98 and 0.95 of linear scaling (docs/performance.md). Under gradient accumulation
+    they were measured to pay and no known torch issue makes them wrong: CUDA, one micro-batch per optimizer
+    step, the embedding cache on. One process: 3.30x diffusers' loop on an H100 against 2.13x without graphs;
+    2 and 4 processes of one H200 host: 0.98 and 0.95 of linear scaling, one run each (docs/performance.md;
+    more GPUs and several machines not measured). Under gradient accumulation
     (check_cuda_graphs), without the cache (the VAE encoder's graph beside the U-Net's, not measured) or on
     another device it is torch.compile's default mode."""
     if t.compile_mode != "auto":
@@ -659,8 +660,9 @@ def _dist_backend() -> str | None:
 
 
 def compiled_graphs() -> tuple[int, int]:
-    """Graphs torch.compile has compiled in this process so far, and the graphs it ran without the CUDA graphs
-    its mode asked for (counts torch keeps; its `cudagraphs` log, TORCH_LOGS=cudagraphs, says why)."""
+    """Graphs Dynamo has compiled in this process so far, and the times Inductor ran a graph (forward and
+    backward count apart) without the CUDA graphs its mode asked for (counts torch keeps; its `cudagraphs` log,
+    TORCH_LOGS=cudagraphs, says why)."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
@@ -714,10 +716,11 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
                      "gc_every_n_steps": cfg.trainer.gc_every_n_steps, "allow_tf32": cfg.trainer.allow_tf32,
                      "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
                      "profile_steps": cfg.trainer.profile_steps,
-                     "compile_ddp_split": bool(cfg.trainer.compile and accelerator.num_processes > 1
-                                               and cfg.trainer.compile_ddp_split)},
+                     # read from torch (None: nothing compiled under DDP): True = split at DDP's buckets
+                     "compile_ddp_split": (torch._dynamo.config.optimize_ddp in (True, "ddp_optimizer")
+                                           if cfg.trainer.compile and accelerator.num_processes > 1 else None)},
         "compiled_graphs": graphs[0],  # by torch.compile during this run
-        "cudagraph_skips": graphs[1],  # of those, run without the CUDA graphs their mode asked for
+        "cudagraph_skips": graphs[1],  # Inductor graphs (forward and backward apart) run without the CUDA graphs the mode asked for
         "lora_rank": cfg.model.lora.rank,
         "lora_alpha": cfg.model.lora.lora_alpha,
         "lora_path": str(lora_file),

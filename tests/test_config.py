@@ -112,7 +112,7 @@ def test_every_perf_preset_composes(preset, sd_lora_cache):
     # switches no measurement has justified yet stay off in every preset (docs/performance.md)
     assert (cfg.trainer.kernel_autotune, cfg.trainer.gc_every_n_steps, cfg.trainer.compile_encoders,
             cfg.model.sdp_kernel.value) == (False, None, False, "auto")
-    # CUDA graphs where measured (one CUDA process: 3.30x the reference, 2026-11-28); perf=memory was measured without
+    # CUDA graphs where measured (3.30x the reference on one GPU, 0.95 scaling at 4, 2026-11-28); perf=memory without
     assert cfg.trainer.compile_mode == {"none": None, "throughput": "auto", "memory": None}[preset]
     assert cfg.dataset.drop_last == cfg.trainer.compile  # a compiled U-Net needs static batch shapes
 

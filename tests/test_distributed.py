@@ -45,15 +45,18 @@ def test_two_processes_average_gradients_like_one_process_with_twice_the_batch(r
 
 
 def test_compiled_u_net_under_ddp_still_averages_gradients(runs, tmp_path):
-    """trainer.compile under DDP compiles the U-Net as one graph (trainer.compile_ddp_split=false): DDP's hooks
-    must still all-reduce the gradients after the compiled backward. Without the all-reduce each rank would train
-    on its own 2 samples and the LoRA would not match the 1-process run with batch 4."""
+    """trainer.compile under DDP compiles the U-Net as one graph (trainer.compile_ddp_split=false, which torch's
+    DDPOptimizer would otherwise split): DDP's hooks must still all-reduce the gradients after the compiled
+    backward. Without the all-reduce each rank would train on its own 2 samples and the LoRA would not match
+    the 1-process run with batch 4. reduce-overhead on the CPU, where there are no CUDA graphs, also shows
+    that the report counts graphs run without the CUDA graphs their mode asked for."""
     run_dir = tmp_path / "two-compiled"
     result = run_launch(*COMMON, "device.num_processes=2", "trainer.train_batch_size=2", "trainer.compile=true",
-                        "dataset.drop_last=true", f"hydra.run.dir={run_dir}")
+                        "trainer.compile_mode=reduce-overhead", "dataset.drop_last=true", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["compiled_graphs"] > 0 and report["switches"]["compile_ddp_split"] is False
+    assert report["compiled_graphs"] > 0 and report["cudagraph_skips"] > 0
+    assert report["switches"]["compile_ddp_split"] is False  # as torch's dynamo config held it in the run
     two, one = lora(run_dir), lora(runs / "one")
     for key in one:  # compiled kernels sum in another order than eager ones: the tolerance of the eager pair
         torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=1e-3, msg=key)

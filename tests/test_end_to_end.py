@@ -79,11 +79,12 @@ def test_report_has_every_field(run_dir):
 
     assert report["sdp_kernel"] == "auto" and report["sdp_priority_order"] == sdp_priority_order()  # torch's own
     assert "MATH" in report["sdp_priority_order"]  # read from torch, not None
-    assert report["compiled_graphs"] == 0  # nothing asked torch.compile for
+    assert report["compiled_graphs"] == 0 and report["cudagraph_skips"] == 0  # nothing asked torch.compile for
     assert report["switches"] == {"compile": False, "compile_mode": None, "compile_encoders": False,
                                   "channels_last": False,
                                   "kernel_autotune": False, "gc_every_n_steps": None, "allow_tf32": False,
-                                  "gradient_checkpointing": False, "profile_steps": 0}
+                                  "gradient_checkpointing": False, "profile_steps": 0,
+                                  "compile_ddp_split": None}
     assert math.isfinite(report["final_loss"]) and report["peak_memory_bytes"] > 0
 
 
