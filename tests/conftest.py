@@ -6,6 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,25 @@ def tiny_model_path() -> Path:
     from sd_lora.demo import ensure_tiny_model
 
     return ensure_tiny_model(cache_dir())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_path):
+    """The tiny model's CLIP tokenizer."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tiny_model_path, subfolder="tokenizer")
+
+
+def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Random RGB pixels (height, width, 3): no symmetry, so a mirror image or a shifted crop differs."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def noise_image(width: int, height: int, seed: int = 0):
+    from PIL import Image
+
+    return Image.fromarray(noise(width, height, seed))
 
 
 def run_launch(*overrides: str, cwd: Path = ROOT, env: dict | None = None, module: str | None = None,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import run_launch
+from conftest import noise_image, run_launch
 
 import sd_lora
 import sd_lora.data
@@ -70,11 +70,6 @@ def shapes_cfg(**kw) -> DatasetConfig:
 @pytest.fixture(scope="module")
 def shapes_table():
     return load_table(shapes_cfg(), seed=0)
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    """Random pixels: no symmetry, so a mirror image or a shifted crop encodes differently."""
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def write_imagefolder(root: Path, sizes=SIZES) -> Path:

@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_launch
-from PIL import Image
+from conftest import ROOT, noise_image, run_launch
 from safetensors.torch import load_file
 
 from sd_lora.config import Config, DatasetConfig, ModelConfig, OnFailure, TrainerConfig
@@ -247,7 +245,7 @@ def write_images(root: Path, captions: list, broken: int | None = None) -> Path:
             if i == broken:
                 (root / name).write_bytes(b"not a png")
             else:
-                Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / name)
+                noise_image(64, 64, seed=i).save(root / name)
             f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
     return root
 
@@ -270,19 +268,12 @@ def test_skip_switches_keep_the_run_going_and_count_what_they_skipped(tiny_model
     assert all(torch.isfinite(v).all() for v in load_file(run / "lora" / "pytorch_lora_weights.safetensors").values())
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_path):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(tiny_model_path, subfolder="tokenizer")
-
-
 def table_of(captions, broken=(), size=(48, 32)):
     def png(i):
         if i in broken:
             return {"bytes": b"not a png", "path": f"{i}.png"}
         buffer = io.BytesIO()
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, size[::-1] + (3,), dtype=np.uint8)).save(buffer, "PNG")
+        noise_image(*size, seed=i).save(buffer, "PNG")
         return {"bytes": buffer.getvalue(), "path": f"{i}.png"}
 
     return datasets.Dataset.from_dict({"image": [png(i) for i in range(len(captions))], "text": captions})

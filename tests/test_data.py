@@ -9,12 +9,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import noise
 from PIL import Image
 
 import sd_lora
 from sd_lora.config import DatasetConfig
 from sd_lora.data import CaptionedImages, build_dataloader, load_table, pick_caption, train_transform
-from sd_lora.demo import build_tiny_pipeline, write_shapes
+from sd_lora.demo import write_shapes
 from sd_lora.errors import UserError
 
 SHAPES = Path(sd_lora.__file__).parent / "assets" / "shapes"
@@ -37,11 +38,6 @@ def datasets_cache(tmp_path_factory):
         yield
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_pipeline().tokenizer
-
-
 def solid(colour, size) -> Image.Image:
     return Image.new("RGB", size, colour)
 
@@ -49,10 +45,6 @@ def solid(colour, size) -> Image.Image:
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """CHW in [-1, 1] -> HWC uint8."""
     return np.rint((pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).astype(np.int64)
-
-
-def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
