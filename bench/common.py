@@ -14,10 +14,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def base_overrides(device: str, model, data, resolution: int, workers: int, batch: int, work) -> list[str]:
+def base_overrides(device: str, model, data, resolution: int, workers: int, batch: int, work, steps: int,
+                   skip: int) -> list[str]:
     """What every bench run of the trainer sets: model, data at `resolution` (centre crop, random flip), loader,
-    batch, the embedding cache under <work>/cache, no validation images, no checkpoints but the last."""
-    return [f"device={device}", f"model.pretrained_model_name_or_path={model}", f"dataset.path={data}",
+    batch, fp16 on CUDA (fp32 on the CPU), `steps` steps of which `skip` untimed, the embedding cache under
+    <work>/cache, no validation images, no checkpoints but the last."""
+    return [f"device={device}", f"precision={'fp16' if device == 'cuda' else 'fp32'}",
+            f"trainer.max_train_steps={steps}", f"trainer.skip_steps={skip}",
+            f"model.pretrained_model_name_or_path={model}", f"dataset.path={data}",
             f"dataset.resolution={resolution}", "dataset.center_crop=true", "dataset.random_flip=true",
             f"dataset.num_workers={workers}", f"trainer.train_batch_size={batch}", "trainer.validation_prompts=[]",
             "trainer.checkpointing_steps=null", f"dataset.cache_dir={Path(work) / 'cache'}"]

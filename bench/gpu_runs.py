@@ -40,8 +40,9 @@ LOCK = threading.Lock()
 
 
 def common_overrides(args) -> list[str]:
-    """Model, data, loader, batch 4 and cache of every run, the precompile's too."""
-    return common.base_overrides(args.device, args.model, args.data, args.resolution, args.workers, 4, args.work)
+    """Model, data, loader, batch 4, precision, steps and cache of every run, the precompile's too."""
+    return common.base_overrides(args.device, args.model, args.data, args.resolution, args.workers, 4, args.work,
+                                 args.steps, args.skip)
 
 
 def launch(name: str, overrides: list[str], args, env: dict | None = None) -> dict:
@@ -121,12 +122,9 @@ def main() -> None:
             print(f"| {name} | {r['seconds_per_step']:.4f} | {r['samples_per_second']:.1f} | "
                   f"{r['peak_memory_gib']:.2f} GiB | {r['final_loss']:.4f} (finite: {math.isfinite(r['final_loss'])}) |")
 
-    precision = "fp16" if args.device == "cuda" else "fp32"
     # --extra comes last: Hydra takes the last value given for a key
-    scaling = [f"precision={precision}", "model.attention=sdp", "perf=none", "dataset.cache=true",
-               "dataset.drop_last=true", "trainer.channels_last=true", "trainer.log_every_n_steps=10",
-               f"trainer.max_train_steps={args.steps}", f"trainer.skip_steps={args.skip}",
-               *[x for x in args.extra.split(",") if x]]
+    scaling = ["model.attention=sdp", "perf=none", "dataset.cache=true", "dataset.drop_last=true",
+               "trainer.channels_last=true", "trainer.log_every_n_steps=10", *[x for x in args.extra.split(",") if x]]
     counts = [int(x) for x in args.scaling.split(",") if x]
     precompiled = counts if args.precompile == "all" else [int(x) for x in args.precompile.split(",") if x]
     if precompiled:

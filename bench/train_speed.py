@@ -214,9 +214,8 @@ def main() -> None:
     torch.cuda.empty_cache() if args.device == "cuda" else None
     print(json.dumps(facts), flush=True)
 
-    base = [*common.base_overrides(args.device, model_path, data, args.resolution, args.workers, args.batch, args.work),
-            f"precision={'fp16' if args.device == 'cuda' else 'fp32'}", f"trainer.max_train_steps={args.steps}",
-            f"trainer.skip_steps={args.skip}"]
+    base = common.base_overrides(args.device, model_path, data, args.resolution, args.workers, args.batch, args.work,
+                                 args.steps, args.skip)
     runs = Path(args.work) / "runs"
     if args.precompile:
         names = args.variants.split(",") if args.precompile == "all" else args.precompile.split(",")

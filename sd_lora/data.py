@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def load_tables(cfg: DatasetConfig, seed: int = 0, validation_seed: int = 0):
-    """(training rows, held-out rows or None), with the split read and divided once; see the two below."""
+    """(training rows, held-out rows or None), with the split read and divided once. The held-out rows are
+    `dataset.validation_split` of the split, or the split `dataset.validation_source`."""
     train, held_out = _divided(cfg, validation_seed)
     if cfg.validation_source:
         held_out = _read_split(cfg, cfg.validation_source)
@@ -45,7 +46,7 @@ def load_table(cfg: DatasetConfig, seed: int = 0, validation_seed: int = 0):
     """The training rows as a `datasets.Dataset`, columns checked, images left undecoded.
 
     With `dataset.validation_split` > 0 that fraction of the split is held out (by `validation_seed`,
-    the same in every job of a sweep) and never trained on; `load_validation_table` returns it.
+    the same in every job of a sweep) and never trained on; `load_tables` returns it too.
     """
     return _training_rows(_divided(cfg, validation_seed)[0], cfg, seed)
 
@@ -85,15 +86,6 @@ def check_captions(table, cfg: DatasetConfig, what: str = "training") -> None:
             f"dataset.caption_column={cfg.caption_column!r}: {len(rows)} of {len(table)} {what} rows have an empty "
             f"caption (rows {listed}; the first is {first}); write a caption for them or remove those rows"
         )
-
-
-def load_validation_table(cfg: DatasetConfig, validation_seed: int = 0):
-    """The held-out rows (`dataset.validation_split` of the split, or the split `dataset.validation_source`)."""
-    if cfg.validation_source:
-        return _held_out_rows(_read_split(cfg, cfg.validation_source), cfg)
-    if not cfg.validation_split:
-        return None
-    return _held_out_rows(_divided(cfg, validation_seed)[1], cfg)
 
 
 def _held_out_rows(table, cfg: DatasetConfig):

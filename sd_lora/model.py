@@ -162,7 +162,7 @@ def save_lora(unet: torch.nn.Module, out_dir: Path, metadata: dict[str, str] | N
     """
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32) for k, v in lora_state_dict(unet).items()}
     adapter = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config["default"].to_dict().items()}
     header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, indent=2, sort_keys=True, default=str)}
     header.update(metadata or {})

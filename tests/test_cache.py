@@ -240,7 +240,6 @@ def test_nonsquare_image_without_centre_crop_names_row_and_fix(comps, tmp_path):
 
 
 def test_skipped_undecodable_row_keeps_the_other_rows_aligned(comps, tmp_path):
-
     folder = write_imagefolder(tmp_path / "data", sizes=[(40, 32), (32, 32), (32, 48), (36, 36), (48, 40)])
     (folder / "01.png").write_bytes(b"not a png")
     cfg = folder_cfg(folder, on_bad_image=OnFailure.skip)

@@ -408,13 +408,15 @@ def test_held_out_bad_images_follow_on_bad_image(tiny_parts, caplog):
 
 
 def test_held_out_captions_use_the_first_and_are_checked(tiny_parts, tmp_path):
-    from sd_lora.data import load_validation_table
+    from sd_lora.data import load_tables
 
     several = held_out_set(table_of([["a red square", "ignored"]]), tiny_parts)
     one = held_out_set(table_of(["a red square"]), tiny_parts)
     assert torch.equal(several.encoder_hidden_states, one.encoder_hidden_states)  # fixed, not a random pick
     with pytest.raises(UserError, match=r"held-out data set row 0: caption column 'text' holds \['int', 'int'\], no text"):
         held_out_set(datasets.Dataset.from_dict({"image": table_of(["x"])["image"], "text": [[1, 2]]}), tiny_parts)
-    data = write_images(tmp_path / "data", ["", " ", "", "a blue square"])
-    with pytest.raises(UserError, match="held-out rows have an empty caption"):
-        load_validation_table(DatasetConfig(path=str(data), validation_split=0.5))
+    # a half split with validation_seed 0 trains on rows 1 and 3 and holds out rows 0 and 2 (datasets' seeded shuffle)
+    data = write_images(tmp_path / "data", ["", "a red square", " ", "a blue square"])
+    with pytest.raises(UserError, match=r"2 of 2 held-out rows have an empty caption"):
+        load_tables(DatasetConfig(path=str(data), validation_split=0.5))
+    assert len(load_table(DatasetConfig(path=str(data), validation_split=0.5))) == 2  # the training rows pass

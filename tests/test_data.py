@@ -370,12 +370,19 @@ def test_bundled_shapes_match_generator(tmp_path):
         (regenerated / "metadata.jsonl").read_text().splitlines()
 
 
-def test_load_tables_reads_once_what_the_two_loaders_give():
-    from sd_lora.data import load_tables, load_validation_table
+def test_load_tables_reads_once_what_the_training_loader_gives_and_holds_out_the_rest():
+    from collections import Counter
+
+    from sd_lora.data import load_tables
 
     cfg = DatasetConfig(path=str(SHAPES), resolution=64, validation_split=0.2, max_train_samples=50)
     train, held_out = load_tables(cfg, seed=3, validation_seed=5)
     assert train["text"] == load_table(cfg, seed=3, validation_seed=5)["text"]
-    assert held_out["text"] == load_validation_table(cfg, validation_seed=5)["text"]
     assert len(train) == 50 and len(held_out) == 18  # 20% of 90 held out, never trained on
+    # the held-out rows are exactly the rows the training side of the split leaves out
+    everything = load_table(DatasetConfig(path=str(SHAPES), resolution=64))
+    trainable = load_table(DatasetConfig(path=str(SHAPES), resolution=64, validation_split=0.2), validation_seed=5)
+    assert Counter(trainable["text"]) + Counter(held_out["text"]) == Counter(everything["text"])
+    assert load_tables(cfg, seed=3, validation_seed=5)[1]["text"] == held_out["text"]  # the seed fixes them
+    assert load_tables(cfg, seed=3, validation_seed=6)[1]["text"] != held_out["text"]
     assert load_tables(DatasetConfig(path=str(SHAPES)))[1] is None

@@ -220,7 +220,6 @@ def test_cuda_graphs_with_gradient_accumulation_are_refused_on_cuda(mode):
         check_cuda_graphs(fine, "cuda")
 
 
-
 def test_auto_compile_mode_records_cuda_graphs_only_where_they_were_measured_and_are_right():
     """perf=throughput's compile_mode=auto: CUDA graphs on CUDA with one micro-batch per step and the cache;
     torch.compile's default mode without the cache (not measured), under accumulation (wrong gradients,
