@@ -29,6 +29,7 @@ reference keyed like report.json: seconds_per_step the mean, seconds_per_step_me
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -91,7 +92,8 @@ def unet_flops(model_path: Path, batch: int, resolution: int, device: str) -> fl
     from sd_lora.model import add_lora, load_components
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    comps = load_components(ModelConfig(pretrained_model_name_or_path=str(model_path)), model_path, dtype=dtype)
+    model_cfg = ModelConfig(pretrained_model_name_or_path=str(model_path))
+    comps = load_components(model_cfg, model_path, dtype=dtype)
     unet = comps.unet.to(device)
     add_lora(unet, Attention.sdp, LoraSettings(rank=4))
     side = resolution // 8
@@ -115,14 +117,16 @@ def reference_loop(model_path: Path, data: Path, args) -> dict:
 
     from sd_lora.config import DatasetConfig, ModelConfig
     from sd_lora.data import CaptionedImages, build_dataloader, load_table
+    from sd_lora.families import family_of
     from sd_lora.model import load_components
 
     mixed = "fp16" if args.device == "cuda" else "no"
     accelerator = Accelerator(mixed_precision=mixed, cpu=args.device == "cpu")
     dtype = torch.float16 if mixed == "fp16" else torch.float32
     torch.manual_seed(0)
-    comps = load_components(ModelConfig(pretrained_model_name_or_path=str(model_path)), model_path, dtype=dtype)
-    unet, vae, text_encoder, sched = comps.unet, comps.vae, comps.text_encoder, comps.noise_scheduler
+    model_cfg = ModelConfig(pretrained_model_name_or_path=str(model_path))
+    comps = load_components(model_cfg, model_path, dtype=dtype)
+    unet, vae, (text_encoder,), sched = comps.unet, comps.vae, comps.text_encoders, comps.noise_scheduler
     for m in (unet, vae, text_encoder):
         m.to(accelerator.device)
     unet.set_attn_processor(AttnProcessor2_0())
@@ -133,7 +137,8 @@ def reference_loop(model_path: Path, data: Path, args) -> dict:
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-4)  # foreach, as torch picks on CUDA
     dataset_cfg = DatasetConfig(path=str(data), resolution=args.resolution, center_crop=True, random_flip=True)
-    loader = build_dataloader(CaptionedImages(load_table(dataset_cfg), dataset_cfg, comps.tokenizer),
+    tokenize = functools.partial(family_of(model_cfg).tokenize, comps.tokenizers)
+    loader = build_dataloader(CaptionedImages(load_table(dataset_cfg), dataset_cfg, tokenize),
                               args.batch, args.workers, 0, pin_memory=args.device == "cuda")
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     if args.device == "cuda":

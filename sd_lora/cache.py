@@ -19,12 +19,14 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from sd_lora.config import DatasetConfig, ModelConfig, OnFailure
-from sd_lora.data import _image_where, decode_or_skip, sample_key, tokenize, train_transform
+from sd_lora.config import Config, DatasetConfig, ModelConfig, OnFailure, cache_dir
+from sd_lora.data import _image_where, decode_or_skip, sample_key, train_transform
 from sd_lora.errors import UserError
+from sd_lora.families import Components, family_of
 from sd_lora.files import save_safetensors
 
 log = logging.getLogger(__name__)
@@ -32,17 +34,17 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the layout of a cache file changes
 
 
-def cache_key(model_cfg: ModelConfig, model_path: Path, vae, text_encoder, tokenizer, table, cfg: DatasetConfig,
+def cache_key(model_cfg: ModelConfig, model_path: Path, comps: Components, table, cfg: DatasetConfig,
               dtype: torch.dtype) -> str:
+    family = family_of(model_cfg)
     parts = {
         "format": CACHE_FORMAT,
         "model_path": str(Path(model_path).resolve()),
         "revision": model_cfg.revision,
         "variant": model_cfg.variant,
-        "vae": dict(vae.config),
-        "text_encoder": text_encoder.config.to_dict(),
-        "tokenizer_max_length": tokenizer.model_max_length,
-        "weights": _files_fingerprint(Path(model_path), ("vae", "text_encoder", "tokenizer")),
+        "vae": dict(comps.vae.config),
+        **family.cache_identity(comps),
+        "weights": _files_fingerprint(Path(model_path), ("vae", *family.text_folders)),
         "dtype": str(dtype),
         "dataset_path": str(Path(cfg.path).expanduser().resolve()) if Path(cfg.path).expanduser().exists() else cfg.path,
         "fingerprint": getattr(table, "_fingerprint", None),
@@ -72,13 +74,17 @@ def _files_fingerprint(root: Path, folders: tuple[str, ...]) -> list:
 
 
 @torch.no_grad()
-def compute_embeddings(table, cfg: DatasetConfig, tokenizer, vae, text_encoder, device, dtype: torch.dtype,
-                       batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Posterior mean/std of every image (and its mirror image) and the text embedding of every caption."""
+def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[list[str]], dict[str, torch.Tensor]],
+                       vae, device, dtype: torch.dtype, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Posterior mean/std of every image (and its mirror image) and the text conditioning of every caption.
+
+    `encode_captions` is the model family's (families.ModelFamily.encode_captions): captions -> its
+    conditioning tensors, kept under their own names.
+    """
     from tqdm.auto import tqdm
 
     views = 2 if cfg.random_flip else 1
-    means, stds, texts, skipped = [], [], [], []
+    means, stds, texts, skipped = [], [], {}, []
     for start in tqdm(range(0, len(table), batch_size), desc="caching latents and text embeddings"):
         rows = table[start:start + batch_size]
         images, captions = [], []
@@ -110,11 +116,12 @@ def compute_embeddings(table, cfg: DatasetConfig, tokenizer, vae, text_encoder, 
         shape = (len(captions), views) + tuple(posterior.mean.shape[1:])
         means.append(posterior.mean.float().reshape(shape).cpu())
         stds.append(posterior.std.float().reshape(shape).cpu())
-        ids = tokenize(tokenizer, captions).to(device)
-        texts.append(text_encoder(ids, return_dict=False)[0].float().cpu())
+        for key, value in encode_captions(captions).items():
+            texts.setdefault(key, []).append(value.float().cpu())
     if not means:
         raise UserError(f"dataset.on_bad_image=skip: none of the {len(table)} images can be decoded; check dataset.path")
-    tensors = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), "encoder_hidden_states": torch.cat(texts)}
+    tensors = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds),
+               **{key: torch.cat(parts) for key, parts in texts.items()}}
     if skipped:
         tensors["skipped_rows"] = torch.tensor(skipped, dtype=torch.int64)
     return tensors
@@ -134,12 +141,22 @@ def load_or_build(path: Path, build) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def load_or_build_cache(cfg: Config, model_path: Path, comps: Components, table,
+                        encode_captions: Callable[[list[str]], dict[str, torch.Tensor]], device,
+                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The run's cache file (in dataset.cache_dir, default $SD_LORA_CACHE/embeddings), read or built."""
+    key = cache_key(cfg.model, model_path, comps, table, cfg.dataset, dtype)
+    path = Path(cfg.dataset.cache_dir or cache_dir() / "embeddings").expanduser() / f"{key}.safetensors"
+    return load_or_build(path, lambda: compute_embeddings(table, cfg.dataset, encode_captions, comps.vae, device, dtype))
+
+
 class CachedEmbeddings(torch.utils.data.Dataset):
-    """Cached rows -> {"latent_mean", "latent_std", "encoder_hidden_states"}; a random view when flipping."""
+    """Cached rows -> {"latent_mean", "latent_std", the text conditioning}; a random view when flipping."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], random_flip: bool):
         self.mean, self.std = tensors["latent_mean"], tensors["latent_std"]
-        self.text = tensors["encoder_hidden_states"]
+        self.text = {key: value for key, value in tensors.items()
+                     if key not in ("latent_mean", "latent_std", "skipped_rows")}
         self.random_flip = random_flip
         self.skipped_rows = tensors["skipped_rows"].tolist() if "skipped_rows" in tensors else []
 
@@ -150,10 +167,4 @@ class CachedEmbeddings(torch.utils.data.Dataset):
         generator, index = sample_key(key)
         view = 1 if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5 else 0
         return {"latent_mean": self.mean[index, view], "latent_std": self.std[index, view],
-                "encoder_hidden_states": self.text[index], "index": index}
-
-
-def collate_cached(examples: list[dict]) -> dict:
-    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key != "index"}
-    batch["index"] = [e["index"] for e in examples]  # a list, so accelerate leaves it on the host
-    return batch
+                **{name: value[index] for name, value in self.text.items()}, "index": index}

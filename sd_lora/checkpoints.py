@@ -42,7 +42,7 @@ class RunState:
     skipped_image_rows: set = field(default_factory=set)  # rows whose image cannot be decoded (dataset.on_bad_image=skip)
     resumed_from: str | None = None
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run fits (see run_fingerprint)
-    guard: object = None  # the run's train.NonFiniteGuard
+    guard: object = None  # the run's guard.NonFiniteGuard
 
 
 def register_checkpoint_hooks(accelerator, unet) -> None:

@@ -41,6 +41,12 @@ class SdpKernel(Enum):
     math = "math"
 
 
+class ModelFamilyName(Enum):
+    """The model family (sd_lora/families/): what to load and how a caption conditions the U-Net."""
+
+    sd = "sd"  # Stable Diffusion 1.x / 2.x: one CLIP text encoder (families/sd.py)
+
+
 class PredictionType(Enum):
     epsilon = "epsilon"
     v_prediction = "v_prediction"
@@ -120,6 +126,7 @@ class LoraSettings:
 @dataclass
 class ModelConfig:
     pretrained_model_name_or_path: str = MISSING  # diffusers pipeline folder, or a hub id read from the local cache
+    family: ModelFamilyName = ModelFamilyName.sd  # sd = SD 1.x/2.x (sd_lora/families/)
     source_repo: Optional[str] = None  # hub id the folder is a copy of: named in the download hint
     revision: Optional[str] = None  # hub revision (hub ids only)
     variant: Optional[str] = None  # weight file variant, e.g. fp16

@@ -21,6 +21,7 @@ import gc
 import io
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -206,12 +207,6 @@ def pick_caption(value, index: int, column: str, generator: torch.Generator | No
     return value
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-    ).input_ids
-
-
 def sample_seed(*parts) -> int:
     """A 63-bit seed from (seed, epoch, index[, stream]): one independent random stream per sample and use."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
@@ -234,15 +229,18 @@ MAX_BAD_IN_A_ROW = 32  # dataset.on_bad_image=skip gives up after this many unde
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Rows of a datasets table -> {"pixel_values", "input_ids"} with the training transforms.
+    """Rows of a datasets table -> {"pixel_values", the caption's tokens} with the training transforms.
+
+    `tokenize` turns captions into the model family's token tensors (`{"input_ids": ...}` for SD; see
+    families.ModelFamily.tokenize); it travels to loader workers, so it holds the tokenizers only.
 
     With `dataset.on_bad_image=skip` an undecodable image is logged and the next decodable row takes
     its place (so batches keep their size and every process its step count); the item then lists
     the skipped rows under "skipped_rows", for the report.
     """
 
-    def __init__(self, table, cfg: DatasetConfig, tokenizer):
-        self.table, self.cfg, self.tokenizer = table, cfg, tokenizer
+    def __init__(self, table, cfg: DatasetConfig, tokenize: Callable[[list[str]], dict[str, torch.Tensor]]):
+        self.table, self.cfg, self.tokenize = table, cfg, tokenize
 
     def __len__(self) -> int:
         return len(self.table)
@@ -264,19 +262,24 @@ class CaptionedImages(torch.utils.data.Dataset):
                                 "named in a warning above); check dataset.path")
         caption = pick_caption(row[self.cfg.caption_column], row_index, self.cfg.caption_column, generator)
         pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator)
-        item = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0], "index": index}
+        tokens = {key: value[0] for key, value in self.tokenize([caption]).items()}
+        item = {"pixel_values": pixels, **tokens, "index": index}
         if skipped:
             item["skipped_rows"] = skipped
         return item
 
 
 def collate(examples: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
-        "input_ids": torch.stack([e["input_ids"] for e in examples]),
-        "index": [e["index"] for e in examples],  # a list, so accelerate leaves it on the host
-        "skipped_rows": [row for e in examples for row in e.get("skipped_rows", ())],  # dataset.on_bad_image=skip
-    }
+    """Stack the samples' tensors (pixels, tokens or cached embeddings); the host-side lists stay lists."""
+    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key not in HOST_KEYS}
+    if "pixel_values" in batch:  # as diffusers' script collates
+        batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.contiguous_format)
+    batch["index"] = [e["index"] for e in examples]  # a list, so accelerate leaves it on the host
+    batch["skipped_rows"] = [row for e in examples for row in e.get("skipped_rows", ())]  # dataset.on_bad_image=skip
+    return batch
+
+
+HOST_KEYS = ("index", "skipped_rows")
 
 
 class EpochShuffle(torch.utils.data.Sampler):

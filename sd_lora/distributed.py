@@ -9,6 +9,9 @@ run directory, chosen by Hydra, handed to every worker; side effects on the main
 
 Users who start jobs with `accelerate launch` or `torchrun` get one Hydra app per rank (hydra#2070);
 `agree_on_run_dir` makes every rank use rank 0's run directory and removes the others' empty ones.
+
+This is the launcher's room, above the trainer: it calls `train.train`, and nothing the trainer
+imports imports it.
 """
 
 from __future__ import annotations
@@ -70,24 +73,12 @@ def agree_on_run_dir(run_dir: str, cfg: Config) -> str:
     return chosen[0]
 
 
-def check_layout(cfg: Config) -> int:
-    """Processes per machine, or UserError if the numbers do not fit together."""
-    d = cfg.device
-    if d.num_processes % d.num_machines:
-        raise UserError(
-            f"device.num_processes={d.num_processes} is not a multiple of device.num_machines={d.num_machines}: "
-            "like accelerate's --num_processes it counts processes on all machines together"
-        )
-    if d.num_machines > 1 and not d.main_process_ip:
-        raise UserError(f"device.num_machines={d.num_machines} needs device.main_process_ip (the address of the "
-                        "machine with device.machine_rank=0)")
-    return d.num_processes // d.num_machines
-
-
 def launch_workers(cfg: Config, run_dir: str) -> dict | None:
     """Run `train(cfg, run_dir)` in device.num_processes workers; return rank 0's report."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from sd_lora.preflight import check_layout
 
     d = cfg.device
     per_machine = check_layout(cfg)
@@ -112,7 +103,8 @@ def launch_workers(cfg: Config, run_dir: str) -> dict | None:
 def run(cfg: Config, run_dir: str) -> dict | None:
     """Train in this process, in workers started here, or as one rank of an external launcher."""
     from sd_lora.checkpoints import check_resume, run_fingerprint
-    from sd_lora.train import checks_before_work, train
+    from sd_lora.preflight import checks_before_work
+    from sd_lora.train import train
 
     if launched_externally():  # accelerate launch / torchrun started one Hydra app per rank
         run_dir = agree_on_run_dir(run_dir, cfg)
@@ -122,8 +114,9 @@ def run(cfg: Config, run_dir: str) -> dict | None:
         return train(cfg, run_dir)
     if cfg.device.num_processes > 1 or cfg.device.num_machines > 1:
         # a user's mistake stops here, once, before any worker starts
-        _, model_path, table, _ = checks_before_work(cfg)
-        check_resume(cfg, Path(run_dir), run_fingerprint(cfg, model_path, table, cfg.device.num_processes))
+        checked = checks_before_work(cfg)
+        check_resume(cfg, Path(run_dir), run_fingerprint(cfg, checked.model_path, checked.table,
+                                                         cfg.device.num_processes))
         return launch_workers(cfg, run_dir)
     return train(cfg, run_dir)
 

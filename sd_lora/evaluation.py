@@ -1,4 +1,5 @@
-"""A deterministic validation loss: the number a sweep compares runs by.
+"""Validation: a deterministic validation loss (the number a sweep compares runs by) and the validation
+images rendered with the current LoRA.
 
 Training loss of a diffusion model is too noisy to rank runs (each step draws its own timesteps and
 noise). The validation loss here is the diffusion loss of the U-Net on held-out samples at fixed
@@ -13,13 +14,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sd_lora.data import decode_or_skip, pick_caption, tokenize, train_transform
+from sd_lora.checkpoints import RunState
+from sd_lora.config import Config
+from sd_lora.data import decode_or_skip, pick_caption, train_transform
 from sd_lora.errors import UserError
+from sd_lora.families import Components, ModelFamily
+from sd_lora.loss import training_target
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +36,23 @@ class ValidationSet:
     """Encoded held-out samples with their fixed timesteps and noise, ready on the device."""
 
     latents: torch.Tensor  # (N*K, 4, h, w): each sample repeated for each timestep
-    encoder_hidden_states: torch.Tensor  # (N*K, 77, d)
+    conditioning: dict[str, torch.Tensor]  # the family's text conditioning, each (N*K, ...)
     timesteps: torch.Tensor  # (N*K,)
     noise: torch.Tensor  # (N*K, 4, h, w)
     num_samples: int
 
 
 @torch.no_grad()
-def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise_scheduler, device,
+def build_validation_set(table, cfg_dataset, encode_captions, vae, noise_scheduler, device,
                          dtype: torch.dtype, num_timesteps: int, seed: int, batch_size: int = 8) -> ValidationSet:
-    pixels, captions, latents, texts, skipped = [], [], [], [], []
+    """`encode_captions`: captions -> the family's conditioning tensors (families.ModelFamily.encode_captions)."""
+    pixels, captions, latents, texts, skipped = [], [], [], {}, []
 
     def encode() -> None:  # a few at a time, like the embedding cache; no more images than that held at once
         latents.append(vae.encode(torch.stack(pixels).to(device, dtype=dtype)).latent_dist.mean.float()
                        * vae.config.scaling_factor)
-        texts.append(text_encoder(tokenize(tokenizer, captions).to(device), return_dict=False)[0].float())
+        for key, value in encode_captions(captions).items():
+            texts.setdefault(key, []).append(value.float())
         pixels.clear()
         captions.clear()
 
@@ -72,7 +81,7 @@ def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise
         raise UserError(f"dataset.on_bad_image=skip: none of the {len(table)} held-out images can be decoded (rows "
                         f"{skipped[:5]}{' ...' if len(skipped) > 5 else ''}); fix or remove them, or hold out other "
                         "rows (dataset.validation_split / dataset.validation_source)")
-    latents, texts = torch.cat(latents), torch.cat(texts)
+    latents = torch.cat(latents)
     n, k = len(latents), num_timesteps
     total = noise_scheduler.config.num_train_timesteps
     steps = torch.linspace(0, total - 1, k).round().long()  # spread over the whole schedule
@@ -80,7 +89,7 @@ def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise
     noise = torch.randn((n * k,) + tuple(latents.shape[1:]), generator=generator)
     return ValidationSet(
         latents=latents.repeat_interleave(k, dim=0),
-        encoder_hidden_states=texts.repeat_interleave(k, dim=0),
+        conditioning={key: torch.cat(parts).repeat_interleave(k, dim=0) for key, parts in texts.items()},
         timesteps=steps.repeat(n).to(device),
         noise=noise.to(device),
         num_samples=n,
@@ -88,11 +97,9 @@ def build_validation_set(table, cfg_dataset, tokenizer, vae, text_encoder, noise
 
 
 @torch.no_grad()
-def validation_loss(unet, noise_scheduler, vset: ValidationSet, dtype: torch.dtype, autocast=contextlib.nullcontext,
-                    batch_size: int = 8) -> float:
+def validation_loss(unet, family: ModelFamily, noise_scheduler, vset: ValidationSet, dtype: torch.dtype,
+                    autocast=contextlib.nullcontext, batch_size: int = 8) -> float:
     """Mean diffusion loss over all held-out samples and fixed timesteps."""
-    from sd_lora.train import training_target
-
     was_training = unet.training
     unet.eval()
     total, count = 0.0, 0
@@ -102,9 +109,68 @@ def validation_loss(unet, noise_scheduler, vset: ValidationSet, dtype: torch.dty
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = training_target(noise_scheduler, latents, noise, t)
         with autocast():
-            pred = unet(noisy.to(dtype), t, vset.encoder_hidden_states[sl].to(dtype), return_dict=False)[0]
+            pred = family.predict(unet, noisy.to(dtype), t, {key: value[sl].to(dtype)
+                                                             for key, value in vset.conditioning.items()})
         total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
         count += target.numel()
     if was_training:
         unet.train()
     return total / count
+
+
+def build_evaluator(cfg: Config, accelerator, family: ModelFamily, comps: Components, val_table,
+                    weight_dtype: torch.dtype) -> Callable:
+    """A function (unet, state) -> validation loss, logged to tensorboard and kept in the run state."""
+    vset = build_validation_set(val_table, cfg.dataset,
+                                lambda captions: family.encode_captions(comps, captions, accelerator.device),
+                                comps.vae, comps.noise_scheduler, accelerator.device, weight_dtype,
+                                cfg.trainer.validation_loss_timesteps, cfg.trainer.validation_loss_seed)
+    log.info("validation loss on %d held-out sample(s) x %d fixed timesteps", vset.num_samples,
+             cfg.trainer.validation_loss_timesteps)
+
+    def evaluate(unet, state: RunState) -> float:
+        base = accelerator.unwrap_model(unet, keep_torch_compile=False)
+        # a factory: accelerate's autocast is a one-shot context manager, entered once per batch
+        autocast = accelerator.autocast if weight_dtype != torch.float32 else contextlib.nullcontext
+        value = validation_loss(base, family, comps.noise_scheduler, vset, weight_dtype, autocast)
+        state.validation_loss, state.validation_loss_step = value, state.global_step
+        accelerator.log({"val/loss": value}, step=state.global_step)
+        log.info("validation loss at step %d: %.6f", state.global_step, value)
+        return value
+
+    return evaluate
+
+
+def render_validation_images(cfg: Config, accelerator, family: ModelFamily, comps: Components, unet, model_path: Path,
+                             run_dir: Path, weight_dtype: torch.dtype, epoch: int, step: int) -> list[Path]:
+    """Render the validation prompts with the current LoRA into samples/ and tensorboard."""
+    t = cfg.trainer
+    unet = accelerator.unwrap_model(unet, keep_torch_compile=False)
+    comps.move_frozen(accelerator.device)
+    pipeline = family.pipeline(model_path, cfg.model, weight_dtype, components=comps, unet=unet)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(t.seed)
+    out = run_dir / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    was_training = unet.training
+    unet.eval()
+    autocast = accelerator.autocast() if weight_dtype != torch.float32 else contextlib.nullcontext()
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    with torch.no_grad(), autocast:
+        for i, prompt in enumerate(t.validation_prompts):
+            images = pipeline(prompt, num_inference_steps=t.num_inference_steps, generator=generator,
+                              num_images_per_prompt=t.num_validation_images,
+                              height=cfg.dataset.resolution, width=cfg.dataset.resolution).images
+            for j, image in enumerate(images):
+                path = out / f"step{step:06d}-epoch{epoch:04d}-prompt{i}-{j}.png"
+                image.save(path)
+                written.append(path)
+            tracker.add_images(f"validation/{i}: {prompt}", np.stack([np.asarray(im) for im in images]), step,
+                               dataformats="NHWC")
+    if was_training:
+        unet.train()
+    if cfg.dataset.cache:
+        comps.move_frozen("cpu")
+    log.info("validation at step %d: %d image(s) in %s", step, len(written), out)
+    return written

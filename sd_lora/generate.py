@@ -71,11 +71,9 @@ def run_config(run_dir: Path) -> dict:
 
 def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
     import torch
-    from diffusers import StableDiffusionPipeline
-
     from sd_lora.devices import build_backend
-    from sd_lora.model import LORA_WEIGHT_NAME, attention_processor, resolve_model_path, sdp_kernel_order
-    from sd_lora.train import WEIGHT_DTYPES
+    from sd_lora.families import family_of
+    from sd_lora.model import LORA_WEIGHT_NAME, attention_processor, resolve_model_path, sdp_kernel_order, weight_dtype_of
 
     run_dir = Path(cfg.run_dir)
     trained = run_config(run_dir)
@@ -83,11 +81,8 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
     backend = build_backend(cfg.device_type.value)
     backend.check(cfg.mixed_precision.value)
     path = resolve_model_path(model_cfg)
-    dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        path, revision=model_cfg.revision, variant=model_cfg.variant, dtype=dtype, local_files_only=True,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    dtype = weight_dtype_of(cfg.mixed_precision)
+    pipeline = family_of(model_cfg).pipeline(path, model_cfg, dtype)
     attention = cfg.attention or model_cfg.attention
     pipeline.unet.set_attn_processor(attention_processor(attention))
     pipeline.load_lora_weights(str(run_dir / "lora"), weight_name=LORA_WEIGHT_NAME, adapter_name="sd_lora")

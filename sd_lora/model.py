@@ -2,10 +2,10 @@
 
 `resolve_model_path` finds the pipeline folder (a local folder, or a hub id already in the local
 hub cache: nothing is downloaded) and checks its components before anything is loaded.
-`load_components` loads tokenizer, text encoder, VAE, U-Net and noise scheduler with the diffusers /
-transformers classes SD 2.1 uses. `add_lora` sets the attention processors and injects peft's LoRA;
-`lora_state_dict` / `save_lora` write the adapter in the format
-`StableDiffusionPipeline.load_lora_weights` reads. Nothing here runs a training step.
+`load_components` loads the pipeline's parts through the model family (sd_lora/families/).
+`add_lora` sets the attention processors and injects peft's LoRA; `lora_state_dict` / `save_lora`
+write the adapter in the format the family's pipeline's `load_lora_weights` reads. Nothing here runs
+a training step.
 """
 
 from __future__ import annotations
@@ -13,67 +13,56 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sd_lora.config import Attention, LoraSettings, ModelConfig, SdpKernel
+from sd_lora.config import Attention, LoraSettings, MixedPrecision, ModelConfig, SdpKernel
 from sd_lora.errors import UserError
+from sd_lora.families import Components, family_of
 from sd_lora.files import save_safetensors
 from sd_lora.hub import download_command, resolve_local
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+WEIGHT_DTYPES = {MixedPrecision.no: torch.float32, MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.bfloat16}
+
+
+def weight_dtype_of(mixed_precision: MixedPrecision) -> torch.dtype:
+    """The dtype of the frozen weights (the LoRA weights stay fp32 whatever the precision)."""
+    return WEIGHT_DTYPES[mixed_precision]
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
     """The local pipeline folder for `model.pretrained_model_name_or_path`, checked; UserError if absent."""
     path = resolve_local("model.pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
                          source_repo=cfg.source_repo, revision=cfg.revision)
-    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    folders = family_of(cfg).folders
+    missing = [c for c in folders if not (path / c).is_dir()]
     if missing:
         raise UserError(
             f"model folder {path.resolve()} lacks component folder(s) {', '.join(missing)} "
-            f"(a diffusers Stable Diffusion pipeline has {', '.join(COMPONENTS)}); "
+            f"(a diffusers pipeline of model.family={cfg.family.value} has {', '.join(folders)}); "
             + (f"download it again with: {download_command(cfg.source_repo, local_dir=str(path))}"
                if cfg.source_repo else "point model.pretrained_model_name_or_path at a complete pipeline folder")
         )
     return path
 
 
-@dataclass
-class Components:
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    noise_scheduler: object
-
-
 def load_components(cfg: ModelConfig, path: Path, dtype: torch.dtype = torch.float32) -> Components:
     """Load the frozen parts of the pipeline (weights in `dtype`, on the CPU, requires_grad off)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    kw = dict(revision=cfg.revision, local_files_only=True)
     try:
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=cfg.variant, dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=cfg.variant, dtype=dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=cfg.variant, dtype=dtype, **kw)
+        comps = family_of(cfg).load(cfg, path, dtype)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"could not load the pipeline in {path} (variant={cfg.variant}, revision={cfg.revision}): {exc}"
         ) from None
     if cfg.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type.value)
-    for module in (text_encoder, vae, unet):
+        comps.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type.value)
+    for module in (comps.unet, *comps.frozen_modules()):
         module.requires_grad_(False)
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
+    return comps
 
 
 def attention_processor(attention: Attention):
@@ -153,17 +142,21 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def save_lora(unet: torch.nn.Module, out_dir: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors` readable by `StableDiffusionPipeline.load_lora_weights`.
+def save_lora(modules: dict[str, torch.nn.Module], out_dir: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors` readable by the family's pipeline's `load_lora_weights`.
 
-    Same layout as diffusers' `save_lora_weights` (keys prefixed `unet.`, the peft LoraConfig under
-    `lora_adapter_metadata` so that alpha != rank loads right), written with safetensors directly
-    because diffusers cannot add our own header entries (the run config).
+    `modules` maps the file's key prefix to a LoRA-carrying module (`{"unet": unet}`; the family names them,
+    see ModelFamily.lora_modules). Same layout as diffusers' `save_lora_weights` (keys prefixed, each peft
+    LoraConfig under `lora_adapter_metadata` so that alpha != rank loads right), written with safetensors
+    directly because diffusers cannot add our own header entries (the run config).
     """
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32) for k, v in lora_state_dict(unet).items()}
-    adapter = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config["default"].to_dict().items()}
+    tensors, adapter = {}, {}
+    for prefix, module in modules.items():
+        tensors.update({f"{prefix}.{k}": v.detach().to("cpu", torch.float32) for k, v in lora_state_dict(module).items()})
+        adapter.update({f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v
+                        for k, v in module.peft_config["default"].to_dict().items()})
     header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, indent=2, sort_keys=True, default=str)}
     header.update(metadata or {})
     return save_safetensors(tensors, out_dir / LORA_WEIGHT_NAME, metadata=header)

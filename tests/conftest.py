@@ -31,11 +31,29 @@ def tiny_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tiny_model_path):
-    """The tiny model's CLIP tokenizer."""
-    from transformers import CLIPTokenizer
+def tiny_components(tiny_model_path):
+    """The tiny model's parts, fp32, loaded once: for tests that only read them (no LoRA injected)."""
+    from sd_lora.config import ModelConfig
+    from sd_lora.model import load_components
 
-    return CLIPTokenizer.from_pretrained(tiny_model_path, subfolder="tokenizer")
+    return load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)), tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_components):
+    """The tiny model's CLIP tokenizer."""
+    return tiny_components.tokenizers[0]
+
+
+@pytest.fixture(scope="session")
+def tokenize(tiny_components):
+    """Captions -> the tiny (SD-family) model's token tensors, as the training data set gets them."""
+    import functools
+
+    from sd_lora.families import FAMILIES
+    from sd_lora.config import ModelFamilyName
+
+    return functools.partial(FAMILIES[ModelFamilyName.sd].tokenize, tiny_components.tokenizers)
 
 
 def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -47,6 +65,22 @@ def noise_image(width: int, height: int, seed: int = 0):
     from PIL import Image
 
     return Image.fromarray(noise(width, height, seed))
+
+
+def write_noise_folder(root: Path, rows: list[tuple[tuple[int, int], str]], broken: int | None = None) -> Path:
+    """An imagefolder data set of noise PNGs: rows of ((width, height), caption); row `broken` is not a PNG."""
+    import json
+
+    root.mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, (size, caption) in enumerate(rows):
+            name = f"{i:02d}.png"
+            if i == broken:
+                (root / name).write_bytes(b"not a png")
+            else:
+                noise_image(*size, seed=i).save(root / name)
+            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return root
 
 
 def run_launch(*overrides: str, cwd: Path = ROOT, env: dict | None = None, module: str | None = None,

@@ -9,6 +9,7 @@ image is decoded with PIL, transformed with `train_transform` (centre crop, no f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -19,16 +20,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import noise_image, run_launch
+from conftest import noise_image, run_launch, write_noise_folder
 
 import sd_lora
 import sd_lora.data
-from sd_lora.cache import CachedEmbeddings, cache_key, collate_cached, compute_embeddings, load_or_build
-from sd_lora.config import DatasetConfig, ModelConfig, OnFailure
-from sd_lora.data import CaptionedImages, collate, load_table, tokenize, train_transform
+from sd_lora.cache import CachedEmbeddings, cache_key, compute_embeddings, load_or_build
+from sd_lora.config import DatasetConfig, ModelConfig, ModelFamilyName, OnFailure
+from sd_lora.data import CaptionedImages, collate, load_table, train_transform
+from sd_lora.families import FAMILIES
 from sd_lora.errors import UserError
 from sd_lora.model import load_components, resolve_model_path
-from sd_lora.train import StepModels, sample_generators, train_step
+from sd_lora.loss import StepModels, sample_generators, train_step
+
+FAMILY = FAMILIES[ModelFamilyName.sd]
 
 SHAPES = Path(sd_lora.__file__).parent / "assets" / "shapes"
 FP32 = dict(rtol=1e-4, atol=1e-5)  # batched vs one-at-a-time fp32 convolutions
@@ -57,8 +61,13 @@ def model_cfg(tiny_model_path) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def comps(model_cfg):
-    return load_components(model_cfg, resolve_model_path(model_cfg), dtype=torch.float32)
+def comps(tiny_components):
+    return tiny_components
+
+
+def encoder(comps):
+    """The family's caption encoder, as the trainer hands it to the cache."""
+    return functools.partial(FAMILY.encode_captions, comps, device="cpu")
 
 
 def shapes_cfg(**kw) -> DatasetConfig:
@@ -73,13 +82,8 @@ def shapes_table():
 
 
 def write_imagefolder(root: Path, sizes=SIZES) -> Path:
-    root.mkdir(parents=True)
-    with open(root / "metadata.jsonl", "w") as f:
-        for i, (w, h) in enumerate(sizes):
-            noise_image(w, h, seed=i).save(root / f"{i:02d}.png")
-            f.write(json.dumps({"file_name": f"{i:02d}.png", "text": f"a {['red', 'green', 'blue', 'white'][i % 4]} "
-                                                                      f"{['circle', 'square'][i % 2]}"}) + "\n")
-    return root
+    return write_noise_folder(root, [(size, f"a {['red', 'green', 'blue', 'white'][i % 4]} {['circle', 'square'][i % 2]}")
+                                     for i, size in enumerate(sizes)])
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +121,7 @@ def expected_posteriors(vae, table, cfg: DatasetConfig):
 @pytest.fixture(scope="module")
 def shapes_cache(comps, shapes_table):
     # batch_size=4 over 6 rows: two batches, so rows must be put back together in order
-    return compute_embeddings(shapes_table, shapes_cfg(), comps.tokenizer, comps.vae, comps.text_encoder, "cpu",
+    return compute_embeddings(shapes_table, shapes_cfg(), encoder(comps), comps.vae, "cpu",
                               torch.float32, batch_size=4)
 
 
@@ -128,8 +132,7 @@ def nonsquare_table(nonsquare_folder):
 
 @pytest.fixture(scope="module")
 def nonsquare_cache(comps, nonsquare_table, nonsquare_folder):
-    return compute_embeddings(nonsquare_table, folder_cfg(nonsquare_folder), comps.tokenizer, comps.vae,
-                              comps.text_encoder, "cpu", torch.float32, batch_size=3)
+    return compute_embeddings(nonsquare_table, folder_cfg(nonsquare_folder), encoder(comps), comps.vae, "cpu", torch.float32, batch_size=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,8 +175,7 @@ def test_nonsquare_rows_are_centre_cropped_not_squashed(comps, nonsquare_table, 
 
 
 def test_no_flip_cache_holds_one_view(comps, shapes_table, shapes_cache):
-    tensors = compute_embeddings(shapes_table, shapes_cfg(random_flip=False), comps.tokenizer, comps.vae,
-                                 comps.text_encoder, "cpu", torch.float32)
+    tensors = compute_embeddings(shapes_table, shapes_cfg(random_flip=False), encoder(comps), comps.vae, "cpu", torch.float32)
     assert tensors["latent_mean"].shape == (len(shapes_table), 1, 4, 8, 8)
     torch.testing.assert_close(tensors["latent_mean"][:, 0], shapes_cache["latent_mean"][:, 0], **FP32)
     torch.testing.assert_close(tensors["latent_std"][:, 0], shapes_cache["latent_std"][:, 0], **FP32)
@@ -181,8 +183,7 @@ def test_no_flip_cache_holds_one_view(comps, shapes_table, shapes_cache):
 
 def test_square_images_may_be_cached_without_centre_crop(comps, shapes_table, shapes_cache):
     # a square image is resized to exactly resolution x resolution: no random crop to lose
-    tensors = compute_embeddings(shapes_table, shapes_cfg(center_crop=False), comps.tokenizer, comps.vae,
-                                 comps.text_encoder, "cpu", torch.float32)
+    tensors = compute_embeddings(shapes_table, shapes_cfg(center_crop=False), encoder(comps), comps.vae, "cpu", torch.float32)
     torch.testing.assert_close(tensors["latent_mean"], shapes_cache["latent_mean"], **FP32)
 
 
@@ -204,14 +205,14 @@ def test_cached_views_are_drawn_half_and_half_when_flipping(shapes_cache):
 
 
 @pytest.mark.parametrize("which", ["shapes", "nonsquare"])
-def test_cached_text_embedding_equals_text_encoder_of_each_caption(request, comps, which):
+def test_cached_text_embedding_equals_text_encoder_of_each_caption(request, comps, which, tokenize):
     table = request.getfixturevalue(f"{which}_table")
     tensors = request.getfixturevalue(f"{which}_cache")
-    hidden = comps.text_encoder.config.hidden_size
-    assert tensors["encoder_hidden_states"].shape == (len(table), comps.tokenizer.model_max_length, hidden)
+    hidden = comps.text_encoders[0].config.hidden_size
+    assert tensors["encoder_hidden_states"].shape == (len(table), comps.tokenizers[0].model_max_length, hidden)
     captions = table["text"]
     with torch.no_grad():
-        expected = [comps.text_encoder(tokenize(comps.tokenizer, [c]))[0][0] for c in captions]
+        expected = [comps.text_encoders[0](tokenize([c])["input_ids"])[0][0] for c in captions]
     for row, emb in enumerate(expected):
         torch.testing.assert_close(tensors["encoder_hidden_states"][row], emb, **FP32, msg=f"row {row}")
     assert len(set(captions)) > 1
@@ -231,28 +232,27 @@ def test_nonsquare_image_without_centre_crop_names_row_and_fix(comps, tmp_path):
     row = next(i for i in range(len(table)) if table[i]["image"]["path"].endswith("03.png"))
     cache_file = tmp_path / "cache" / "x.safetensors"
     with pytest.raises(UserError) as info:
-        load_or_build(cache_file, lambda: compute_embeddings(table, cfg, comps.tokenizer, comps.vae,
-                                                             comps.text_encoder, "cpu", torch.float32, batch_size=2))
+        load_or_build(cache_file, lambda: compute_embeddings(table, cfg, encoder(comps), comps.vae, "cpu", torch.float32, batch_size=2))
     message = str(info.value)
     assert f"data set row {row}" in message and "03.png" in message and "56x40" in message
     assert "dataset.center_crop=true" in message and "dataset.cache=false" in message
     assert not cache_file.exists()
 
 
-def test_skipped_undecodable_row_keeps_the_other_rows_aligned(comps, tmp_path):
+def test_skipped_undecodable_row_keeps_the_other_rows_aligned(comps, tmp_path, tokenize):
     folder = write_imagefolder(tmp_path / "data", sizes=[(40, 32), (32, 32), (32, 48), (36, 36), (48, 40)])
     (folder / "01.png").write_bytes(b"not a png")
     cfg = folder_cfg(folder, on_bad_image=OnFailure.skip)
     table = load_table(cfg)
     bad = next(i for i in range(len(table)) if table[i]["image"]["path"].endswith("01.png"))
-    tensors = compute_embeddings(table, cfg, comps.tokenizer, comps.vae, comps.text_encoder, "cpu", torch.float32,
+    tensors = compute_embeddings(table, cfg, encoder(comps), comps.vae, "cpu", torch.float32,
                                  batch_size=2)
     assert tensors["skipped_rows"].tolist() == [bad]
     good = [i for i in range(len(table)) if i != bad]
     assert len(tensors["latent_mean"]) == len(tensors["encoder_hidden_states"]) == len(good)
     expected = expected_posteriors(comps.vae, table.select(good), cfg)
     with torch.no_grad():
-        texts = [comps.text_encoder(tokenize(comps.tokenizer, [table[i]["text"]]))[0][0] for i in good]
+        texts = [comps.text_encoders[0](tokenize([table[i]["text"]])["input_ids"])[0][0] for i in good]
     for k, row in enumerate(good):
         for view in (0, 1):
             torch.testing.assert_close(tensors["latent_mean"][k, view], expected[k][view][0], **FP32,
@@ -269,7 +269,7 @@ def test_cache_key_changes_with_every_setting_it_depends_on(tmp_path, tiny_model
     model_path = resolve_model_path(model_cfg)
 
     def key(mcfg=model_cfg, mpath=model_path, table=shapes_table, dcfg=None, dtype=torch.float32, c=comps):
-        return cache_key(mcfg, mpath, c.vae, c.text_encoder, c.tokenizer, table, dcfg or shapes_cfg(), dtype)
+        return cache_key(mcfg, mpath, c, table, dcfg or shapes_cfg(), dtype)
 
     base = key()
     assert isinstance(base, str) and len(base) >= 8
@@ -311,7 +311,7 @@ def test_cache_key_follows_the_dataset_contents(tmp_path, model_cfg, comps):
     model_path = resolve_model_path(model_cfg)
 
     def key():
-        return cache_key(model_cfg, model_path, comps.vae, comps.text_encoder, comps.tokenizer, load_table(cfg), cfg,
+        return cache_key(model_cfg, model_path, comps, load_table(cfg), cfg,
                          torch.float32)
 
     first = key()
@@ -352,7 +352,7 @@ def test_cache_key_follows_the_contents_of_saved_and_parquet_data_sets(tmp_path,
 
     def key(root: Path) -> str:
         cfg = folder_cfg(root)
-        return cache_key(model_cfg, resolve_model_path(model_cfg), comps.vae, comps.text_encoder, comps.tokenizer,
+        return cache_key(model_cfg, resolve_model_path(model_cfg), comps,
                          load_table(cfg), cfg, torch.float32)
 
     first = key(write(0))
@@ -370,7 +370,7 @@ def test_cache_key_changes_when_the_vae_weights_in_the_model_folder_change(tmp_p
         c = load_components(mcfg, resolve_model_path(mcfg))
         with torch.no_grad():
             latent = c.vae.encode(image).latent_dist.mean
-        return cache_key(mcfg, resolve_model_path(mcfg), c.vae, c.text_encoder, c.tokenizer, shapes_table,
+        return cache_key(mcfg, resolve_model_path(mcfg), c, shapes_table,
                          shapes_cfg(), torch.float32), latent, c.vae
 
     before, latent_before, vae = key_and_latent()
@@ -529,14 +529,14 @@ def test_other_resolution_writes_a_second_cache_file(launches):
 
 
 @pytest.mark.parametrize("noise_offset,snr_gamma", [(0.0, None), (0.1, 5.0)])
-def test_train_step_loss_is_the_same_with_and_without_the_cache(comps, shapes_table, noise_offset, snr_gamma):
+def test_train_step_loss_is_the_same_with_and_without_the_cache(comps, shapes_table, noise_offset, snr_gamma, tokenize):
     cfg = shapes_cfg(random_flip=False)
-    models = StepModels(comps.unet, comps.vae, comps.text_encoder, comps.noise_scheduler, torch.float32)
-    tensors = compute_embeddings(shapes_table, cfg, comps.tokenizer, comps.vae, comps.text_encoder, "cpu",
+    models = StepModels(comps.unet, comps.vae, comps.text_encoders, comps.noise_scheduler, torch.float32, FAMILY)
+    tensors = compute_embeddings(shapes_table, cfg, encoder(comps), comps.vae, "cpu",
                                  torch.float32)
-    cached_ds, plain_ds = CachedEmbeddings(tensors, random_flip=False), CaptionedImages(shapes_table, cfg, comps.tokenizer)
+    cached_ds, plain_ds = CachedEmbeddings(tensors, random_flip=False), CaptionedImages(shapes_table, cfg, tokenize)
     indices = [4, 1, 3]
-    cached = collate_cached([cached_ds[i] for i in indices])
+    cached = collate([cached_ds[i] for i in indices])
     plain = collate([plain_ds[i] for i in indices])
     assert cached["index"] == plain["index"] == indices
 
@@ -547,15 +547,15 @@ def test_train_step_loss_is_the_same_with_and_without_the_cache(comps, shapes_ta
     with_cache, without_cache = loss(cached), loss(plain)
     torch.testing.assert_close(with_cache, without_cache, rtol=1e-4, atol=1e-6)
     # the comparison can fail: other rows' embeddings under the same draws give a clearly different loss
-    shuffled = collate_cached([cached_ds[i] for i in [1, 3, 4]])
+    shuffled = collate([cached_ds[i] for i in [1, 3, 4]])
     shuffled["index"] = indices
     assert not torch.allclose(loss(shuffled), without_cache, rtol=1e-3)
 
 
-def test_flipped_views_and_loss_match_the_uncached_transform(comps, shapes_table, shapes_cache):
+def test_flipped_views_and_loss_match_the_uncached_transform(comps, shapes_table, shapes_cache, tokenize):
     """With a sample's (seed, epoch, index) key the cache picks the view the uncached transform flips to."""
     cfg = shapes_cfg()  # random_flip=true
-    cached_ds, plain_ds = CachedEmbeddings(shapes_cache, random_flip=True), CaptionedImages(shapes_table, cfg, comps.tokenizer)
+    cached_ds, plain_ds = CachedEmbeddings(shapes_cache, random_flip=True), CaptionedImages(shapes_table, cfg, tokenize)
     upright = [train_transform(open_cell(shapes_table[i]["image"]), 64, center_crop=True, random_flip=False)
                for i in range(len(shapes_table))]
     seen = set()
@@ -571,9 +571,9 @@ def test_flipped_views_and_loss_match_the_uncached_transform(comps, shapes_table
             seen.add(view)
     assert seen == {0, 1}  # both views occurred, so the agreement above is not trivial
 
-    models = StepModels(comps.unet, comps.vae, comps.text_encoder, comps.noise_scheduler, torch.float32)
+    models = StepModels(comps.unet, comps.vae, comps.text_encoders, comps.noise_scheduler, torch.float32, FAMILY)
     keys = [(7, 1, i) for i in range(len(shapes_table))]
-    cached, plain = collate_cached([cached_ds[k] for k in keys]), collate([plain_ds[k] for k in keys])
+    cached, plain = collate([cached_ds[k] for k in keys]), collate([plain_ds[k] for k in keys])
     with torch.no_grad():
         losses = [train_step(models, batch, 0.0, None, sample_generators(batch["index"], 7, 1, "cpu"))
                   for batch in (cached, plain)]

@@ -9,6 +9,7 @@ accumulation and epochs of 5 micro-batches, so that most checkpoints fall inside
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -22,14 +23,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import ROOT, noise_image, run_launch
+from conftest import ROOT, noise_image, run_launch, write_noise_folder
 from safetensors.torch import load_file
 
-from sd_lora.config import Config, DatasetConfig, ModelConfig, OnFailure, TrainerConfig
+from sd_lora.config import Config, DatasetConfig, ModelConfig, ModelFamilyName, OnFailure, TrainerConfig
 from sd_lora.data import CaptionedImages, EpochShuffle, build_dataloader, collate, load_table
 from sd_lora.errors import UserError
 from sd_lora.checkpoints import RunState
-from sd_lora.train import NonFiniteGuard
+from sd_lora.guard import NonFiniteGuard
 
 STEPS = 12
 RUN = [
@@ -89,11 +90,21 @@ def assert_same_end_state(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_path) -> Path:
-    """The run never interrupted."""
+    """The run never interrupted. Its `heads`: the checkout's commit before and after it ran."""
     out = tmp_path_factory.mktemp("ckpt") / "reference"
+    before = git_head()
     result = run_launch(*RUN, f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reference_heads[out] = (before, git_head())
     return out
+
+
+reference_heads: dict[Path, tuple] = {}
+
+
+def git_head() -> str | None:
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return head.stdout.strip() if head.returncode == 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,16 +249,7 @@ def test_grad_scaler_skips_are_counted_also_when_a_fused_adamw_skips_in_its_kern
 
 
 def write_images(root: Path, captions: list, broken: int | None = None) -> Path:
-    root.mkdir(parents=True)
-    with open(root / "metadata.jsonl", "w") as f:
-        for i, caption in enumerate(captions):
-            name = f"{i:02d}.png"
-            if i == broken:
-                (root / name).write_bytes(b"not a png")
-            else:
-                noise_image(64, 64, seed=i).save(root / name)
-            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
-    return root
+    return write_noise_folder(root, [((64, 64), caption) for caption in captions], broken=broken)
 
 
 def test_skip_switches_keep_the_run_going_and_count_what_they_skipped(tiny_model_path, tmp_path):
@@ -279,20 +281,20 @@ def table_of(captions, broken=(), size=(48, 32)):
     return datasets.Dataset.from_dict({"image": [png(i) for i in range(len(captions))], "text": captions})
 
 
-def test_bad_image_skip_takes_the_next_row_and_error_names_the_row(tokenizer):
+def test_bad_image_skip_takes_the_next_row_and_error_names_the_row(tokenize):
     table = table_of(["a", "b", "c"], broken={1})
     skip = CaptionedImages(table, DatasetConfig(path="d", resolution=16, center_crop=True, on_bad_image=OnFailure.skip),
-                           tokenizer)
+                           tokenize)
     item = skip[(0, 0, 1)]
     assert item["index"] == 1 and item["skipped_rows"] == [1]  # the slot keeps its index (its random streams)
     assert torch.equal(item["pixel_values"], skip[(0, 0, 2)]["pixel_values"])  # row 2's image in its place
     assert "skipped_rows" not in skip[(0, 0, 0)]
     assert collate([skip[(0, 0, i)] for i in range(3)])["skipped_rows"] == [1]
     with pytest.raises(UserError, match=r"data set row 1 \(file 1.png\): the image cannot be decoded"):
-        CaptionedImages(table, DatasetConfig(path="d", resolution=16), tokenizer)[(0, 0, 1)]
+        CaptionedImages(table, DatasetConfig(path="d", resolution=16), tokenize)[(0, 0, 1)]
     all_bad = table_of(["a", "b"], broken={0, 1})
     with pytest.raises(UserError, match="2 rows in a row from data set row 0 cannot be decoded"):
-        CaptionedImages(all_bad, DatasetConfig(path="d", resolution=16, on_bad_image=OnFailure.skip), tokenizer)[0]
+        CaptionedImages(all_bad, DatasetConfig(path="d", resolution=16, on_bad_image=OnFailure.skip), tokenize)[0]
 
 
 def test_empty_captions_are_refused_at_start_naming_the_rows(tmp_path):
@@ -310,7 +312,7 @@ def test_empty_captions_are_refused_at_start_naming_the_rows(tmp_path):
 # the data order and transforms a resume must reproduce
 
 
-def test_epoch_order_and_sample_transforms_depend_on_seed_epoch_and_index_only(tokenizer):
+def test_epoch_order_and_sample_transforms_depend_on_seed_epoch_and_index_only(tokenize):
     def order(seed, epoch):
         sampler = EpochShuffle(10, seed)
         sampler.epoch = epoch
@@ -323,7 +325,7 @@ def test_epoch_order_and_sample_transforms_depend_on_seed_epoch_and_index_only(t
 
     # random crop of a 48x32 image, random flip and one of several captions: a function of the key
     table = table_of([["a red square", "a square", "red"]] * 6)
-    data = CaptionedImages(table, DatasetConfig(path="d", resolution=16, random_flip=True), tokenizer)
+    data = CaptionedImages(table, DatasetConfig(path="d", resolution=16, random_flip=True), tokenize)
     for epoch in range(3):
         again = data[(0, epoch, 4)]
         assert all(torch.equal(again[k], data[(0, epoch, 4)][k]) for k in ("pixel_values", "input_ids"))
@@ -356,23 +358,23 @@ def test_provenance_records_config_overrides_versions_commit_and_seeds(reference
     assert packages["torch"] == torch.__version__ and packages["diffusers"] == diffusers.__version__
     assert packages["peft"] == peft.__version__ and {"accelerate", "transformers", "torch_gcu"} <= set(packages)
     assert provenance["seeds"]["trainer.seed"] == 0
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    assert provenance["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    # the commit the run started from: HEAD read around the run (a commit landing meanwhile may give either)
+    assert provenance["git_commit"] in reference_heads[reference]
     assert provenance["resumed_from"] is None and "earlier" not in provenance
 
 
 @pytest.fixture(scope="module")
-def tiny_parts(tiny_model_path):
-    from sd_lora.model import load_components
-
-    return load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)), Path(tiny_model_path))
+def tiny_parts(tiny_components):
+    return tiny_components
 
 
 def held_out_set(table, parts, batch_size=8, **dataset):
     from sd_lora.evaluation import build_validation_set
+    from sd_lora.families import FAMILIES
 
-    return build_validation_set(table, DatasetConfig(path="d", resolution=16, **dataset), parts.tokenizer, parts.vae,
-                                parts.text_encoder, parts.noise_scheduler, "cpu", torch.float32, num_timesteps=2,
+    encode = functools.partial(FAMILIES[ModelFamilyName.sd].encode_captions, parts, device="cpu")
+    return build_validation_set(table, DatasetConfig(path="d", resolution=16, **dataset), encode, parts.vae,
+                                parts.noise_scheduler, "cpu", torch.float32, num_timesteps=2,
                                 seed=0, batch_size=batch_size)
 
 
@@ -384,12 +386,12 @@ def test_held_out_rows_encoded_in_batches_match_one_at_a_time(tiny_parts):
     single = held_out_set(table, tiny_parts, batch_size=1, on_bad_image=OnFailure.skip)
     assert batched.num_samples == single.num_samples == 6
     torch.testing.assert_close(batched.latents, single.latents, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(batched.encoder_hidden_states, single.encoder_hidden_states, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.conditioning["encoder_hidden_states"], single.conditioning["encoder_hidden_states"], rtol=1e-4, atol=1e-5)
     assert torch.equal(batched.timesteps, single.timesteps) and torch.equal(batched.noise, single.noise)
     # row order: the 4th sample (table row 4, after the skipped row 2) is row 4's image and caption
     alone = held_out_set(table.select([4]), tiny_parts)
     torch.testing.assert_close(batched.latents[3 * 2], alone.latents[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(batched.encoder_hidden_states[3 * 2], alone.encoder_hidden_states[0],
+    torch.testing.assert_close(batched.conditioning["encoder_hidden_states"][3 * 2], alone.conditioning["encoder_hidden_states"][0],
                                rtol=1e-4, atol=1e-5)
 
 
@@ -400,7 +402,7 @@ def test_held_out_bad_images_follow_on_bad_image(tiny_parts, caplog):
     assert kept.num_samples == 2 and "left out of the validation loss" in caplog.text
     without = held_out_set(table.select([0, 2]), tiny_parts)  # the same as holding out only the good rows
     assert torch.equal(kept.latents, without.latents)
-    assert torch.equal(kept.encoder_hidden_states, without.encoder_hidden_states)
+    assert torch.equal(kept.conditioning["encoder_hidden_states"], without.conditioning["encoder_hidden_states"])
     with pytest.raises(UserError, match=r"held-out data set row 1 \(file 1.png\): the image cannot be decoded"):
         held_out_set(table, tiny_parts)  # on_bad_image=error, the default
     with pytest.raises(UserError, match="none of the 2 held-out images can be decoded"):
@@ -412,7 +414,7 @@ def test_held_out_captions_use_the_first_and_are_checked(tiny_parts, tmp_path):
 
     several = held_out_set(table_of([["a red square", "ignored"]]), tiny_parts)
     one = held_out_set(table_of(["a red square"]), tiny_parts)
-    assert torch.equal(several.encoder_hidden_states, one.encoder_hidden_states)  # fixed, not a random pick
+    assert torch.equal(several.conditioning["encoder_hidden_states"], one.conditioning["encoder_hidden_states"])  # fixed, not a random pick
     with pytest.raises(UserError, match=r"held-out data set row 0: caption column 'text' holds \['int', 'int'\], no text"):
         held_out_set(datasets.Dataset.from_dict({"image": table_of(["x"])["image"], "text": [[1, 2]]}), tiny_parts)
     # a half split with validation_seed 0 trains on rows 1 and 3 and holds out rows 0 and 2 (datasets' seeded shuffle)

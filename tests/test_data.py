@@ -83,7 +83,7 @@ LAYOUTS = {"imagefolder": write_imagefolder, "save_to_disk": write_save_to_disk,
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_load_table_and_captioned_images(layout, tmp_path, tokenizer):
+def test_load_table_and_captioned_images(layout, tmp_path, tokenizer, tokenize):
     path = LAYOUTS[layout](tmp_path / layout)
     cfg = DatasetConfig(path=str(path), resolution=8, center_crop=True, random_flip=False)
     table = load_table(cfg)
@@ -93,7 +93,7 @@ def test_load_table_and_captioned_images(layout, tmp_path, tokenizer):
     # images are left undecoded, so a broken file is only met (and named) when its row is fetched
     assert isinstance(table.features["image"], datasets.Image) and table.features["image"].decode is False
 
-    items = CaptionedImages(table, cfg, tokenizer)
+    items = CaptionedImages(table, cfg, tokenize)
     assert len(items) == len(ROWS)
     colours = {f"a {n} square": c for n, c, _ in ROWS}
     seen = set()
@@ -137,7 +137,7 @@ def test_load_table_unknown_split_of_hub_layout(tmp_path):
     assert "['train']" in str(info.value)
 
 
-def test_bundled_shapes_load(tokenizer):
+def test_bundled_shapes_load(tokenize):
     table = load_table(DatasetConfig(path=str(SHAPES), resolution=64, center_crop=True))
     metadata = [json.loads(line) for line in (SHAPES / "metadata.jsonl").read_text().splitlines()]
     assert len(table) == len(metadata)
@@ -145,7 +145,7 @@ def test_bundled_shapes_load(tokenizer):
     caption_of = {m["file_name"]: m["text"] for m in metadata}
     for row in table.select(range(0, len(table), 17)):
         assert row["text"] == caption_of[Path(row["image"]["path"]).name]
-    item = CaptionedImages(table, DatasetConfig(path=str(SHAPES), resolution=64, center_crop=True), tokenizer)[0]
+    item = CaptionedImages(table, DatasetConfig(path=str(SHAPES), resolution=64, center_crop=True), tokenize)[0]
     assert item["pixel_values"].shape == (3, 64, 64)
 
 
@@ -224,7 +224,7 @@ def test_max_train_samples(tmp_path):
     assert len(load_table(DatasetConfig(path=str(path)))) == len(ROWS)
 
 
-def test_undecodable_image_named_by_row_and_file(tmp_path, tokenizer):
+def test_undecodable_image_named_by_row_and_file(tmp_path, tokenize):
     root = write_imagefolder(tmp_path / "imgf")
     (root / "broken.png").write_bytes(b"this is not a png at all")
     with open(root / "metadata.jsonl", "a") as f:
@@ -234,7 +234,7 @@ def test_undecodable_image_named_by_row_and_file(tmp_path, tokenizer):
     assert len(table) == len(ROWS) + 1
     bad = [i for i, row in enumerate(table) if row["image"]["path"].endswith("broken.png")]
     assert len(bad) == 1
-    items = CaptionedImages(table, cfg, tokenizer)
+    items = CaptionedImages(table, cfg, tokenize)
     for i in range(len(items)):
         if i != bad[0]:
             assert items[i]["pixel_values"].shape == (3, 8, 8)

@@ -8,7 +8,9 @@ import torch
 
 from sd_lora.config import Attention, LoraSettings, ModelConfig, PredictionType
 from sd_lora.model import add_lora, load_components, resolve_model_path
-from sd_lora.train import StepModels, clip_gradients, sample_generators, diffusion_loss, min_snr_weights, train_step, training_target
+from sd_lora.families import family_of
+from sd_lora.loss import StepModels, diffusion_loss, min_snr_weights, sample_generators, train_step, training_target
+from sd_lora.optim import clip_gradients
 
 
 def components(path, dtype=torch.float32, **model_kw):
@@ -105,9 +107,10 @@ def test_gradient_clipping_clips_the_lora_parameters(tiny_model_path):
             torch.nn.init.normal_(p, std=0.1)
     accelerator = Accelerator(cpu=True)
     batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1,
-             "input_ids": comps.tokenizer(["a red circle", "a blue square"], padding="max_length",
-                                          max_length=77, return_tensors="pt").input_ids}
-    models = StepModels(comps.unet, comps.vae, comps.text_encoder, comps.noise_scheduler, torch.float32)
+             "input_ids": comps.tokenizers[0](["a red circle", "a blue square"], padding="max_length",
+                                              max_length=77, return_tensors="pt").input_ids}
+    family = family_of(ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)))
+    models = StepModels(comps.unet, comps.vae, comps.text_encoders, comps.noise_scheduler, torch.float32, family)
     torch.manual_seed(0)
     gens = sample_generators([0, 1], seed=0, epoch=0, device="cpu")
     (train_step(models, batch, 0.0, None, gens) * 1e4).backward()  # a gradient far above the clip norm

@@ -205,7 +205,7 @@ def test_trace_summary_counts_overlapping_kernels_once_and_sorts_them_by_kind():
 def test_cuda_graphs_with_gradient_accumulation_are_refused_on_cuda(mode):
     """CUDA graphs overwrite the first micro-batch's gradient before the second is added (pytorch#169545):
     the combination is refused before any work, naming both settings and the fixes."""
-    from sd_lora.train import check_cuda_graphs
+    from sd_lora.speed import check_cuda_graphs
 
     t = TrainerConfig(compile=True, compile_mode=mode, gradient_accumulation_steps=2)
     with pytest.raises(UserError, match=rf"trainer.compile_mode={mode} records CUDA graphs.*"
@@ -224,7 +224,7 @@ def test_auto_compile_mode_records_cuda_graphs_only_where_they_were_measured_and
     """perf=throughput's compile_mode=auto: CUDA graphs on CUDA with one micro-batch per step and the cache;
     torch.compile's default mode without the cache (not measured), under accumulation (wrong gradients,
     pytorch#169545) and on other devices; an explicit mode is kept as it is."""
-    from sd_lora.train import check_cuda_graphs, compile_mode_for
+    from sd_lora.speed import check_cuda_graphs, compile_mode_for
 
     auto = TrainerConfig(compile=True, compile_mode="auto")
     assert compile_mode_for(auto, "cuda") == "reduce-overhead"

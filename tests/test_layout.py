@@ -1,0 +1,140 @@
+"""The shape of the package: rooms that import only rooms below them, the loop imported by the trainer
+alone, and the model family as the one place that knows which diffusers / transformers classes a model
+family uses. These read the source and run the trainer; they fail when a change breaks the layering."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+import sd_lora
+from sd_lora.config import Config, ModelFamilyName
+from sd_lora.families import FAMILIES
+from sd_lora.families.sd import StableDiffusion
+
+PACKAGE = Path(sd_lora.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The sd_lora modules a file imports, at its top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sd_lora"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names
+                         if (PACKAGE.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").is_file())
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("sd_lora."))
+    return found
+
+
+@functools.cache
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    edges = graph()
+    seen, done, cycles = [], set(), []
+
+    def visit(node):
+        if node in seen:
+            cycles.append(seen[seen.index(node):] + [node])
+            return
+        if node in done:
+            return
+        seen.append(node)
+        for child in sorted(edges[node]):
+            visit(child)
+        seen.pop()
+        done.add(node)
+
+    for node in sorted(edges):
+        visit(node)
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_only_the_trainer_imports_the_loop_and_only_the_launcher_the_trainer():
+    edges = graph()
+    assert {m for m, deps in edges.items() if "sd_lora.loop" in deps} == {"sd_lora.train"}
+    assert {m for m, deps in edges.items() if "sd_lora.train" in deps} == {"sd_lora.distributed"}
+
+
+FAMILY_CLASSES = ("StableDiffusionPipeline", "CLIPTextModel", "CLIPTokenizer", "UNet2DConditionModel",
+                  "encoder_hidden_states")
+
+
+def test_only_the_families_and_the_tiny_model_name_a_familys_classes():
+    """What differs between SD and SDXL (pipeline class, text encoders, the conditioning's names) is written in
+    families/ (and in demo.py, which builds the tiny SD-shaped model); nowhere in the loop, cache or evaluation."""
+    outside = [p for p in PACKAGE.rglob("*.py") if "families" not in p.parts and p.name != "demo.py"]
+    named = {str(p.relative_to(PACKAGE)): [c for c in FAMILY_CLASSES if c in p.read_text()] for p in outside}
+    assert {k: v for k, v in named.items() if v} == {}
+
+
+class Recording(StableDiffusion):
+    """The SD family, counting what the trainer asks of it (the real methods run)."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name):
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def tokenize(self, tokenizers, captions):
+        self._count("tokenize")
+        return super().tokenize(tokenizers, captions)
+
+    def encode(self, text_encoders, tokens):
+        self._count("encode")
+        return super().encode(text_encoders, tokens)
+
+    def predict(self, unet, noisy_latents, timesteps, conditioning):
+        self._count("predict")
+        return super().predict(unet, noisy_latents, timesteps, conditioning)
+
+    def pipeline(self, *args, **kwargs):
+        self._count("pipeline")
+        return super().pipeline(*args, **kwargs)
+
+    def lora_modules(self, unet):
+        self._count("lora_modules")
+        return super().lora_modules(unet)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_trainer_reaches_the_model_through_its_family(tiny_model_path, tmp_path, monkeypatch, cache):
+    """Captions, the U-Net call, validation images and the LoRA file all go through the family object: a family
+    that replaces these methods changes what the trainer does, with no branch elsewhere."""
+    from omegaconf import OmegaConf
+
+    from sd_lora.config import to_config
+    from sd_lora.train import train
+
+    family = Recording()
+    monkeypatch.setitem(FAMILIES, ModelFamilyName.sd, family)
+    cfg = OmegaConf.structured(Config)
+    cfg.model.pretrained_model_name_or_path = str(tiny_model_path)
+    cfg.dataset.path = str(PACKAGE / "assets" / "shapes")
+    cfg.dataset.resolution, cfg.dataset.max_train_samples, cfg.dataset.cache = 32, 4, cache
+    cfg.dataset.cache_dir = str(tmp_path / "cache")
+    cfg.trainer.train_batch_size, cfg.trainer.max_train_steps = 2, 2
+    cfg.trainer.validation_prompts, cfg.trainer.num_validation_images, cfg.trainer.num_inference_steps = ["a"], 1, 1
+    cfg.device.type = "cpu"
+    report = train(to_config(cfg), tmp_path / "run")
+    assert report["global_step"] == 2
+    calls = family.calls
+    assert calls["predict"] == 2 and calls["pipeline"] == 1 and calls["lora_modules"] == 1
+    if cache:  # captions encoded once, for the cache file; the steps read it
+        assert calls["encode"] == 1 and calls["tokenize"] == 1
+    else:  # each sample tokenized by the data set, each step's batch encoded
+        assert calls["encode"] >= 2 and calls["tokenize"] >= 4
