@@ -7,6 +7,7 @@ and exits with status 2; anything else keeps its traceback.
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sd_lora import config as _config  # registers the schemas and resolvers  # noqa: F401
+from sd_lora.cli import command_line_problem
 from sd_lora.distributed import run, strip_local_rank_argument
 from sd_lora.sweep import objective, record_failure
 from sd_lora.errors import UserError, user_message
@@ -48,4 +50,8 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = strip_local_rank_argument(sys.argv)
+    problem = command_line_problem(sys.argv[1:], Path(__file__).parent / "conf")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

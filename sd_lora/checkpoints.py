@@ -20,7 +20,7 @@ from pathlib import Path
 from sd_lora.config import Config, global_batch_size
 from sd_lora.errors import UserError
 from sd_lora.files import save_safetensors
-from sd_lora.model import lora_state_dict
+from sd_lora.model import LORA_WEIGHT_NAME, lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class RunState:
     grad_scaler_skipped_steps: int = 0  # fp16: steps the grad scaler skipped on an overflow (normal, not an error)
     skipped_image_rows: set = field(default_factory=set)  # rows whose image cannot be decoded (dataset.on_bad_image=skip)
     resumed_from: str | None = None
+    start_step: int = 0  # the step this process started from (a resumed checkpoint's)
+    max_train_steps: int | None = None  # the run's length, kept in each checkpoint (finished_run reads it)
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run fits (see run_fingerprint)
     guard: object = None  # the run's guard.NonFiniteGuard
 
@@ -129,6 +131,8 @@ def save_checkpoint(accelerator, cfg: Config, run_dir: Path, state: RunState) ->
         if os.environ.get("SD_LORA_TEST_PAUSE_IN_CHECKPOINT") == str(state.global_step):
             time.sleep(600)
         meta = {"format": 1, "step": state.global_step, "fingerprint": state.fingerprint,
+                "max_train_steps": state.max_train_steps, "trainer.max_train_steps": cfg.trainer.max_train_steps,
+                "trainer.num_train_epochs": cfg.trainer.num_train_epochs, "dataset.drop_last": cfg.dataset.drop_last,
                 "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
                 "grad_scaler_skipped_steps": state.grad_scaler_skipped_steps,
                 "skipped_image_rows": sorted(state.skipped_image_rows)}
@@ -238,6 +242,26 @@ def check_resume(cfg: Config, run_dir: Path, fingerprint: dict) -> Path | None:
     return path
 
 
+def finished_run(cfg: Config, path: Path, fingerprint: dict) -> bool:
+    """Whether checkpoint `path` is already the end of the run `cfg` asks for and that run's LoRA and report are
+    written, so that resuming it has nothing to do. Known before any weights load: from trainer.max_train_steps,
+    or, for a run counted in epochs, from the run length the checkpoint recorded under the same epochs, samples,
+    global batch and drop_last (anything else may give another length: the run then goes the normal way)."""
+    run_dir = path.parent.parent
+    if not ((run_dir / "report.json").is_file() and (run_dir / "lora" / LORA_WEIGHT_NAME).is_file()):
+        return False  # the run stopped before writing them: resuming writes them
+    step = int(CHECKPOINT_RE.match(path.name).group(1))
+    if cfg.trainer.max_train_steps:
+        return step >= cfg.trainer.max_train_steps
+    meta = json.loads((path / CHECKPOINT_META).read_text()) if (path / CHECKPOINT_META).is_file() else {}
+    recorded, saved = meta.get("max_train_steps"), meta.get("fingerprint", {})
+    same_length = (meta.get("trainer.max_train_steps") is None
+                   and meta.get("trainer.num_train_epochs") == cfg.trainer.num_train_epochs
+                   and meta.get("dataset.drop_last") == cfg.dataset.drop_last
+                   and all(saved.get(k) == fingerprint[k] for k in ("training_samples", "global_batch_size")))
+    return recorded is not None and step >= recorded and same_length
+
+
 def resume(accelerator, cfg: Config, path: Path, steps_per_epoch: int) -> RunState:
     """Load a checkpoint (LoRA, optimizer, lr schedule, RNG, accumulation counter) and where the run was."""
     accelerator.load_state(str(path))
@@ -246,7 +270,7 @@ def resume(accelerator, cfg: Config, path: Path, steps_per_epoch: int) -> RunSta
     log.info("resumed from %s at step %d", path, step)
     consumed = step * cfg.trainer.gradient_accumulation_steps
     batches_per_epoch = steps_per_epoch * cfg.trainer.gradient_accumulation_steps
-    return RunState(global_step=step, first_epoch=step // steps_per_epoch, resume_batches=consumed % batches_per_epoch,
+    return RunState(global_step=step, start_step=step, first_epoch=step // steps_per_epoch, resume_batches=consumed % batches_per_epoch,
                     resumed_from=str(path), nonfinite_skipped_steps=meta.get("nonfinite_skipped_steps", 0),
                     grad_scaler_skipped_steps=meta.get("grad_scaler_skipped_steps", 0),
                     skipped_image_rows=set(meta.get("skipped_image_rows", [])))

@@ -80,6 +80,12 @@ class LrScheduler(Enum):
     constant_with_warmup = "constant_with_warmup"
 
 
+class LoraFormat(Enum):
+    """A LoRA file layout written beside the diffusers one (sd_lora/export.py)."""
+
+    kohya = "kohya"  # lora_unet_*.lora_down/lora_up/alpha: ComfyUI, AUTOMATIC1111/Forge, kohya's tools
+
+
 class OnFailure(Enum):
     """What the run does with a bad sample (`dataset.on_bad_image`) or step (`trainer.on_nonfinite_loss`)."""
 
@@ -101,6 +107,7 @@ class LoraSettings:
         default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"]
     )  # U-Net module names (suffixes) that get a LoRA adapter
     init_lora_weights: str = "gaussian"  # peft init: gaussian (diffusers' choice) or true (kaiming)
+    init_from: Optional[str] = None  # start from this LoRA (a file in diffusers' or kohya's layout, or a run dir); its rank, alpha and modules must be the configured ones
 
     def __post_init__(self):
         _check(self.rank >= 1, "model.lora.rank", self.rank, "use a positive integer such as 4")
@@ -145,6 +152,7 @@ class ModelConfig:
 class DatasetConfig:
     path: str = MISSING  # hub-layout folder (parquet/images), imagefolder with metadata.jsonl, save_to_disk folder, or a cached hub id
     source_repo: Optional[str] = None  # hub id the folder is a copy of: named in the download hint
+    missing_hint: Optional[str] = None  # said when the folder is missing, in place of a download command (a withdrawn source)
     split: str = "train"  # split to train on
     image_column: str = "image"
     caption_column: str = "text"
@@ -249,6 +257,7 @@ class TrainerConfig:
     validation_epochs: int = 1  # render validation prompts every N epochs and at the end
     num_validation_images: int = 4  # images per validation prompt
     num_inference_steps: int = 30  # denoising steps for validation images
+    export_formats: List[LoraFormat] = field(default_factory=lambda: [LoraFormat.kohya])  # LoRA layouts written beside lora/pytorch_lora_weights.safetensors (always written: generate and resume read it); kohya -> lora/<run dir name>.safetensors
     seed: int = 0  # seeds python, numpy, torch and every device generator
     skip_steps: int = 10  # optimizer steps left out of the report's timing (warm-up)
     profile_steps: int = 0  # torch.profiler over this many optimizer steps after skip_steps: <run dir>/profile/ (0 = off)
@@ -342,12 +351,16 @@ def _asset_resolver(name: str) -> str:
 
 def register_resolvers() -> None:
     """`${sd_lora.tiny_model:}` builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled
-    file; `${sd_lora.job_name:}` a sweep job's varying overrides."""
+    file. (`${sd_lora.job_name:}`, a sweep job's folder name, is registered by sd_lora.sweep, which launch.py
+    imports: the config sits below the sweep machinery and does not import it.)"""
     OmegaConf.register_new_resolver("sd_lora.tiny_model", _tiny_model_resolver, replace=True)
     OmegaConf.register_new_resolver("sd_lora.asset", _asset_resolver, replace=True)
-    from sd_lora.sweep import register_resolver as register_sweep_resolver
 
-    register_sweep_resolver()
+
+def model_config_from(saved: dict) -> ModelConfig:
+    """The model section of a run config saved as JSON (a LoRA file's `sd_lora_config`) as a typed ModelConfig;
+    keys added since that run take their defaults."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved["model"]))
 
 
 def to_config(cfg) -> Config:

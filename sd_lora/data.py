@@ -20,6 +20,7 @@ import hashlib
 import gc
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -101,7 +102,8 @@ def _held_out_rows(table, cfg: DatasetConfig):
 def _read_split(cfg: DatasetConfig, split: str):
     import datasets
 
-    path = resolve_local("dataset.path", cfg.path, repo_type="dataset", source_repo=cfg.source_repo)
+    path = resolve_local("dataset.path", cfg.path, repo_type="dataset", source_repo=cfg.source_repo,
+                         missing_hint=cfg.missing_hint)
     try:
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             table = datasets.load_from_disk(str(path))
@@ -316,6 +318,10 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_wor
     # giving one keeps the loader from drawing that seed from torch's global RNG, a stream that a
     # resumed run must find exactly where the killed run left it.
     generator = torch.Generator().manual_seed(seed)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if num_workers > cores:  # more would only contend (torch warns about it too)
+        log.info("dataset.num_workers=%d: %d core(s) available here, so %d loader worker(s)", num_workers, cores, cores)
+        num_workers = cores
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

@@ -115,6 +115,10 @@ def _tiny_spec() -> dict:
 def build_tiny_pipeline(seed: int = 0):
     """The tiny random pipeline in memory (a `StableDiffusionPipeline`)."""
     import torch
+
+    from sd_lora.notices import quiet_pipeline_imports
+
+    quiet_pipeline_imports()  # before diffusers' pipeline import, which logs a notice about torchvision
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

@@ -102,9 +102,9 @@ def launch_workers(cfg: Config, run_dir: str) -> dict | None:
 
 def run(cfg: Config, run_dir: str) -> dict | None:
     """Train in this process, in workers started here, or as one rank of an external launcher."""
-    from sd_lora.checkpoints import check_resume, run_fingerprint
+    from sd_lora.checkpoints import check_resume, finished_run, run_fingerprint
     from sd_lora.preflight import checks_before_work
-    from sd_lora.train import train
+    from sd_lora.train import leave_finished_run, train
 
     if launched_externally():  # accelerate launch / torchrun started one Hydra app per rank
         run_dir = agree_on_run_dir(run_dir, cfg)
@@ -115,8 +115,10 @@ def run(cfg: Config, run_dir: str) -> dict | None:
     if cfg.device.num_processes > 1 or cfg.device.num_machines > 1:
         # a user's mistake stops here, once, before any worker starts
         checked = checks_before_work(cfg)
-        check_resume(cfg, Path(run_dir), run_fingerprint(cfg, checked.model_path, checked.table,
-                                                         cfg.device.num_processes))
+        fingerprint = run_fingerprint(cfg, checked.model_path, checked.table, cfg.device.num_processes)
+        path = check_resume(cfg, Path(run_dir), fingerprint)
+        if path is not None and finished_run(cfg, path, fingerprint):  # no worker started for nothing
+            return leave_finished_run(Path(run_dir), path, is_main_process=True)
         return launch_workers(cfg, run_dir)
     return train(cfg, run_dir)
 

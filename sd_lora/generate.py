@@ -1,8 +1,8 @@
 """Images from a trained LoRA: `python -m sd_lora.generate run_dir=outputs/... prompt="a corgi"`.
 
-The run directory's LoRA file carries the run's composed config in its safetensors header, so the
-base pipeline is found without the original command line. The images go to
-`<run_dir>/generated/<time>/` (or `out_dir=`), seeded and reproducible.
+`run_dir` is a training run's directory or the path of a LoRA file sd_lora wrote. The LoRA file carries
+the run's composed config in its safetensors header, so the base pipeline is found without the original
+command line. The images go to `<run dir>/generated/<time>/` (or `out_dir=`), seeded and reproducible.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from sd_lora.config import Attention, DeviceType, MixedPrecision, ModelConfig, SdpKernel
+from sd_lora.config import Attention, DeviceType, MixedPrecision, ModelConfig, SdpKernel, model_config_from
 from sd_lora.errors import UserError, user_message
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GenerateConfig:
-    run_dir: str = MISSING  # a training run directory (holds lora/pytorch_lora_weights.safetensors)
+    run_dir: str = MISSING  # a training run directory (holds lora/pytorch_lora_weights.safetensors), or a LoRA file
     prompt: str = MISSING
     negative_prompt: Optional[str] = None
     num_images: int = 4
@@ -47,22 +47,37 @@ class GenerateConfig:
 
 
 def _register() -> None:
+    OmegaConf.register_new_resolver("sd_lora.run_root", run_root, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_generate", node=GenerateConfig)
     cs.store(name="generate", node={
         "defaults": ["base_generate", "_self_"],
-        "hydra": {"run": {"dir": "${run_dir}/generated/${now:%Y-%m-%d_%H-%M-%S-%f}"}},
+        "hydra": {"run": {"dir": "${sd_lora.run_root:${run_dir}}/generated/${now:%Y-%m-%d_%H-%M-%S-%f}"}},
     })
 
 
-def run_config(run_dir: Path) -> dict:
-    """The training config stored in the run's LoRA file."""
-    from sd_lora.model import LORA_WEIGHT_NAME, read_lora_metadata
+def lora_file_of(run_dir: Path) -> Path:
+    """`run_dir` itself when it is a file, else the run's LoRA file."""
+    from sd_lora.model import LORA_WEIGHT_NAME
 
-    lora_file = run_dir / "lora" / LORA_WEIGHT_NAME
+    return run_dir if run_dir.is_file() else run_dir / "lora" / LORA_WEIGHT_NAME
+
+
+def run_root(run_dir: str) -> str:
+    """The folder `generated/` goes into: the run directory (for a LoRA file, the run directory it lies in)."""
+    path = Path(run_dir)
+    if path.is_file():
+        return str(path.parent.parent if path.parent.name == "lora" else path.parent)
+    return run_dir
+
+
+def run_config(lora_file: Path) -> dict:
+    """The training config stored in the LoRA file."""
+    from sd_lora.model import read_lora_metadata
+
     if not lora_file.is_file():
-        raise UserError(f"run_dir={str(run_dir)!r}: no LoRA at {lora_file.resolve()}; give the directory of a finished "
-                        "training run (it holds lora/ and report.json)")
+        raise UserError(f"run_dir={str(lora_file.parent.parent)!r}: no LoRA at {lora_file.resolve()}; give the "
+                        "directory of a finished training run (it holds lora/ and report.json) or a LoRA file")
     meta = read_lora_metadata(lora_file)
     if "sd_lora_config" not in meta:
         raise UserError(f"{lora_file} carries no sd_lora_config metadata; it was not written by sd_lora")
@@ -73,11 +88,11 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
     import torch
     from sd_lora.devices import build_backend
     from sd_lora.families import family_of
-    from sd_lora.model import LORA_WEIGHT_NAME, attention_processor, resolve_model_path, sdp_kernel_order, weight_dtype_of
+    from sd_lora.model import attention_processor, resolve_model_path, sdp_kernel_order, weight_dtype_of
 
-    run_dir = Path(cfg.run_dir)
-    trained = run_config(run_dir)
-    model_cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), trained["model"]))
+    lora_file = lora_file_of(Path(cfg.run_dir))
+    trained = run_config(lora_file)
+    model_cfg: ModelConfig = model_config_from(trained)
     backend = build_backend(cfg.device_type.value)
     backend.check(cfg.mixed_precision.value)
     path = resolve_model_path(model_cfg)
@@ -85,7 +100,7 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
     pipeline = family_of(model_cfg).pipeline(path, model_cfg, dtype)
     attention = cfg.attention or model_cfg.attention
     pipeline.unet.set_attn_processor(attention_processor(attention))
-    pipeline.load_lora_weights(str(run_dir / "lora"), weight_name=LORA_WEIGHT_NAME, adapter_name="sd_lora")
+    pipeline.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="sd_lora")
     pipeline.set_adapters(["sd_lora"], adapter_weights=[cfg.lora_scale])
     pipeline.to(backend.device(0))
     resolution = cfg.resolution or trained["dataset"]["resolution"]
@@ -122,5 +137,20 @@ def main(cfg) -> None:
     print(f"{len(paths)} image(s) in {out_dir}")
 
 
+USAGE = ('usage: python -m sd_lora.generate run_dir=RUN_DIR_OR_LORA_FILE prompt="a corgi" [num_images=4 seed=0 '
+         'lora_scale=1.0 device_type=auto mixed_precision=no out_dir=DIR ...]  (every key: --cfg job)')
+
+
+def missing_keys(argv: list[str]) -> list[str]:
+    """The required keys a command line lacks (Hydra cannot even name its output folder without run_dir)."""
+    if any(arg.startswith("-") for arg in argv):  # --help, --cfg, -m ...: Hydra's own
+        return []
+    given = {arg.split("=", 1)[0].lstrip("+") for arg in argv if "=" in arg}
+    return [key for key in ("run_dir", "prompt") if key not in given]
+
+
 if __name__ == "__main__":
+    if missing_keys(sys.argv[1:]):
+        print(f"error: {' and '.join(missing_keys(sys.argv[1:]))} missing; {USAGE}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -29,12 +29,13 @@ def download_command(repo_id: str, repo_type: str = "model", local_dir: str | No
 
 
 def resolve_local(key: str, name: str, repo_type: str = "model", source_repo: str | None = None,
-                  revision: str | None = None) -> Path:
+                  revision: str | None = None, missing_hint: str | None = None) -> Path:
     """`name` (the value of config key `key`) -> an existing local folder, or UserError with the fix.
 
     A path that exists is used as it is. A name shaped like a hub id (`owner/name`) that is not a
     local path is looked up in the hub cache offline, unless `source_repo` (the hub id a local folder
     is a copy of, named in the download command) says the name is a local folder of another repo.
+    `missing_hint` replaces the download command where the source can no longer be downloaded.
     """
     path = Path(name).expanduser()
     if not path.exists() and looks_like_hub_id(name) and source_repo in (None, name):
@@ -46,11 +47,15 @@ def resolve_local(key: str, name: str, repo_type: str = "model", source_repo: st
         except LocalEntryNotFoundError:
             raise UserError(
                 f"{key}={name!r}: no local folder {path.resolve()}, and the hub id is not in the local hub cache "
-                f"(revision {revision or 'main'}); download it first with: "
-                + download_command(name, repo_type, revision=revision)
+                f"(revision {revision or 'main'}); "
+                + (missing_hint or f"download it first with: {download_command(name, repo_type, revision=revision)}")
             ) from None
     if not path.is_dir():
-        how = (f"download it with: {download_command(source_repo, repo_type, local_dir=name, revision=revision)}"
-               if source_repo else f"put a copy of it at {path.resolve()}")
+        if missing_hint:
+            how = missing_hint
+        elif source_repo:
+            how = f"download it with: {download_command(source_repo, repo_type, local_dir=name, revision=revision)}"
+        else:
+            how = f"point {key} at an existing folder"
         raise UserError(f"{key}={name!r}: folder not found at {path.resolve()}; {how}")
     return path

@@ -52,7 +52,8 @@ def run_loop(tr: Training) -> None:
     loss_count = torch.zeros((), device=accelerator.device)  # the finite losses in loss_sum
     last_log = (time.perf_counter(), state.global_step)
     if state.global_step >= max_train_steps:  # resumed from the final checkpoint: nothing left to train
-        log.info("the checkpoint is at step %d of %d: nothing left to train", state.global_step, max_train_steps)
+        log.info("the checkpoint is at step %d of the run's %d: nothing left to train", state.global_step,
+                 max_train_steps)
         epochs = range(0)
     else:
         epochs = range(state.first_epoch, tr.length.num_epochs)

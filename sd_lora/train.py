@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from sd_lora.checkpoints import RunState, check_resume, register_checkpoint_hooks, resume, run_fingerprint, save_checkpoint
+from sd_lora.checkpoints import (RunState, check_resume, finished_run, register_checkpoint_hooks, resume,
+                                  run_fingerprint, save_checkpoint)
 from sd_lora.config import Config
 from sd_lora.data import CaptionedImages, build_dataloader, collate
 from sd_lora.devices import Backend
@@ -36,7 +38,7 @@ from sd_lora.families import Components, ModelFamily, family_of
 from sd_lora.guard import NonFiniteGuard
 from sd_lora.loop import Training, run_loop
 from sd_lora.loss import StepModels
-from sd_lora.model import add_lora, load_components, save_lora, weight_dtype_of
+from sd_lora.model import LORA_WEIGHT_NAME, add_lora, load_components, save_lora, weight_dtype_of
 from sd_lora.optim import build_lr_scheduler, build_optimizer, run_length
 from sd_lora.preflight import Checked, checks_before_work
 from sd_lora.report import build_report, config_dict, config_json, tensorboard_hparams, write_report
@@ -61,6 +63,8 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
     set_process_switches(cfg, checked.backend, accelerator, scope, speed)
     fingerprint = run_fingerprint(cfg, checked.model_path, checked.table, accelerator.num_processes)
     resume_path = check_resume(cfg, run_dir, fingerprint)  # a checkpoint that does not fit stops here, before the weights
+    if resume_path is not None and finished_run(cfg, resume_path, fingerprint):
+        return leave_finished_run(run_dir, resume_path, accelerator.is_main_process)
     if accelerator.is_main_process:
         from sd_lora.provenance import write_provenance
 
@@ -84,6 +88,7 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
 
     state = resume(accelerator, cfg, resume_path, length.steps_per_epoch) if resume_path else RunState()
     state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir)
+    state.max_train_steps = length.max_train_steps
     state.skipped_image_rows.update(getattr(dataset, "skipped_rows", ()))  # left out of the embedding cache
     if accelerator.is_main_process:
         accelerator.init_trackers("train", config=tensorboard_hparams(cfg))
@@ -135,6 +140,11 @@ def build_models(cfg: Config, model_path: Path, accelerator, speed: SpeedPlan,
     comps.move_frozen(accelerator.device)
     compile_encoders(cfg, comps, speed)
     lora_params = add_lora(comps.unet, cfg.model.attention, cfg.model.lora)
+    if cfg.model.lora.init_from:
+        from sd_lora.export import init_lora_from
+
+        init_lora_from(family_of(cfg.model).lora_modules(comps.unet), cfg.model.lora, Path(cfg.model.lora.init_from))
+        log.info("model.lora.init_from: the LoRA starts from %s", cfg.model.lora.init_from)
     set_module_switches(cfg, comps)
     return comps, lora_params
 
@@ -176,9 +186,36 @@ def run_timed(tr: Training, backend: Backend) -> None:
     tr.timer.stop()
 
 
+def leave_finished_run(run_dir: Path, checkpoint: Path, is_main_process: bool) -> dict | None:
+    """Resuming a run that is already at its end: nothing is trained, loaded or written; its report is returned."""
+    report = run_dir / "report.json"
+    if is_main_process:
+        log.info("trainer.resume_from_checkpoint: %s is the end of this run; nothing to train, the run directory "
+                 "is left as it was (raise trainer.max_train_steps or trainer.num_train_epochs to train on)",
+                 checkpoint)
+    return json.loads(report.read_text()) if is_main_process and report.is_file() else None
+
+
+def export_lora(tr: Training, unet, lora_file: Path, num_images: int) -> None:
+    """The LoRA in the other layouts trainer.export_formats asks for, beside the diffusers file."""
+    from sd_lora.config import LoraFormat
+    from sd_lora.export import convert
+
+    if LoraFormat.kohya in tr.cfg.trainer.export_formats:
+        facts = {"v2": unet.config.cross_attention_dim >= 1024,  # SD 2.x's OpenCLIP-H width; SD 1.x has 768
+                 "v_parameterization": tr.models.noise_scheduler.config.prediction_type == "v_prediction",
+                 "steps": tr.state.global_step, "epochs": tr.length.num_epochs, "num_images": num_images}
+        path = convert(lora_file, "kohya", lora_file.parent / f"{tr.run_dir.name}.safetensors", facts=facts)
+        log.info("LoRA for ComfyUI / AUTOMATIC1111 (kohya layout): %s", path)
+
+
 def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan, t0: float) -> dict | None:
     """The last validation loss, the final checkpoint, the LoRA file and the report."""
     accelerator, state, run_dir = tr.accelerator, tr.state, tr.run_dir
+    if state.resumed_from and state.global_step == state.start_step and (run_dir / "report.json").is_file() \
+            and (run_dir / "lora" / LORA_WEIGHT_NAME).is_file():  # nothing trained, all written: nothing to rewrite
+        accelerator.end_training()
+        return leave_finished_run(run_dir, Path(state.resumed_from), accelerator.is_main_process)
     if tr.evaluate is not None and state.validation_loss_step != state.global_step:
         tr.evaluate(tr.models.unet, state)
     save_checkpoint(accelerator, tr.cfg, run_dir, state)  # LoRA-only and small: lets a run be extended
@@ -191,6 +228,7 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
         base = accelerator.unwrap_model(tr.models.unet, keep_torch_compile=False)
         lora_file = save_lora(family.lora_modules(base), run_dir / "lora",
                               metadata={"sd_lora_config": config_json(tr.cfg)})
+        export_lora(tr, base, lora_file, len(checked.table))
         report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
                               tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed)
         log.info("done: LoRA %s, report %s", lora_file, write_report(run_dir, report))

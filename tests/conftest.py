@@ -84,7 +84,7 @@ def write_noise_folder(root: Path, rows: list[tuple[tuple[int, int], str]], brok
 
 
 def run_launch(*overrides: str, cwd: Path = ROOT, env: dict | None = None, module: str | None = None,
-               timeout: int = 300) -> subprocess.CompletedProcess:
+               timeout: int = 900) -> subprocess.CompletedProcess:
     """Run `python launch.py OVERRIDES` (or `python -m MODULE`) as a user would; capture its output."""
     cmd = [sys.executable, "-m", module] if module else [sys.executable, str(ROOT / "launch.py")]
     full_env = {**os.environ, **(env or {})}

@@ -422,3 +422,28 @@ def test_held_out_captions_use_the_first_and_are_checked(tiny_parts, tmp_path):
     with pytest.raises(UserError, match=r"2 of 2 held-out rows have an empty caption"):
         load_tables(DatasetConfig(path=str(data), validation_split=0.5))
     assert len(load_table(DatasetConfig(path=str(data), validation_split=0.5))) == 2  # the training rows pass
+
+
+def test_a_finished_run_is_known_by_its_length_and_its_written_outputs(tmp_path):
+    """finished_run decides before any weights load whether resuming has anything to do."""
+    from sd_lora.checkpoints import CHECKPOINT_META, finished_run
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    (run / "lora").mkdir()
+    fingerprint = {"training_samples": 8, "global_batch_size": 4}
+    (ckpt / CHECKPOINT_META).write_text(json.dumps({
+        "step": 4, "fingerprint": fingerprint, "max_train_steps": 4, "trainer.max_train_steps": None,
+        "trainer.num_train_epochs": 2, "dataset.drop_last": False}))
+    epochs = Config(trainer=TrainerConfig(num_train_epochs=2, max_train_steps=None))
+    assert not finished_run(epochs, ckpt, fingerprint)  # no LoRA and report yet: resuming writes them
+    (run / "report.json").write_text("{}")
+    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert finished_run(epochs, ckpt, fingerprint)
+    assert not finished_run(Config(trainer=TrainerConfig(num_train_epochs=3, max_train_steps=None)), ckpt, fingerprint)
+    assert not finished_run(epochs, ckpt, {**fingerprint, "global_batch_size": 2})  # 2 epochs are 8 steps now
+    assert not finished_run(Config(trainer=TrainerConfig(num_train_epochs=2, max_train_steps=None),
+                                   dataset=DatasetConfig(path="d", drop_last=True)), ckpt, fingerprint)
+    assert finished_run(Config(trainer=TrainerConfig(max_train_steps=4)), ckpt, fingerprint)
+    assert not finished_run(Config(trainer=TrainerConfig(max_train_steps=5)), ckpt, fingerprint)

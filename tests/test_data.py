@@ -167,7 +167,15 @@ def test_missing_folder_without_source_repo_says_where_to_put_it(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(UserError) as info:
         load_table(DatasetConfig(path=str(missing)))
-    assert f"put a copy of it at {missing}" in str(info.value)
+    assert f"folder not found at {missing}; point dataset.path at an existing folder" in str(info.value)
+    assert "hf download" not in str(info.value)
+
+
+def test_a_withdrawn_source_says_so_instead_of_a_download_that_fails(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:  # a hub id, not in the cache: no hub lookup, no download command
+        load_table(DatasetConfig(path="lambdalabs/pokemon-blip-captions", missing_hint="it was taken down"))
+    assert str(info.value).endswith("is not in the local hub cache (revision main); it was taken down")
     assert "hf download" not in str(info.value)
 
 

@@ -51,8 +51,11 @@ def test_compiled_u_net_under_ddp_still_averages_gradients(runs, tmp_path):
     the 1-process run with batch 4. reduce-overhead on the CPU, where there are no CUDA graphs, also shows
     that the report counts graphs run without the CUDA graphs their mode asked for."""
     run_dir = tmp_path / "two-compiled"
+    # Inductor compiles the tiny U-Net's C++ kernels in both ranks at once: ~80-150 s on a 2-core machine, far more
+    # when the machine is shared, hence the long timeout
     result = run_launch(*COMMON, "device.num_processes=2", "trainer.train_batch_size=2", "trainer.compile=true",
-                        "trainer.compile_mode=reduce-overhead", "dataset.drop_last=true", f"hydra.run.dir={run_dir}")
+                        "trainer.compile_mode=reduce-overhead", "dataset.drop_last=true", f"hydra.run.dir={run_dir}",
+                        timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((run_dir / "report.json").read_text())
     assert report["compiled_graphs"] > 0 and report["cudagraph_skips"] > 0

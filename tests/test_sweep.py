@@ -28,8 +28,8 @@ def test_grid_gives_one_readable_job_folder_each(grid):
     sweep_dir, _ = grid
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert len(jobs) == 4
-    for name in jobs:  # the overrides that vary, not the fixed ones
-        assert "optimizer.lr=" in name and "model.lora.rank=" in name and "device=" not in name
+    # the values that vary, not the fixed ones; safe to paste into a shell and into run_dir= (no '=', ',', '/')
+    assert jobs == ["0_lr-0.0001_rank-2", "1_lr-0.0001_rank-4", "2_lr-0.01_rank-2", "3_lr-0.01_rank-4"]
     for job in sweep_dir.iterdir():
         if job.is_dir():
             assert (job / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -54,13 +54,19 @@ def test_summary_is_sorted_best_first_and_printed(grid):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
-def test_a_failed_job_is_a_failed_row_and_the_sweep_goes_on(tmp_path, tiny_model_path):
+def test_a_failed_job_is_a_failed_row_the_sweep_goes_on_and_exits_non_zero(tmp_path, tiny_model_path):
+    """Also without held-out data: a warning at the start, and the summary says it ranks by the train loss."""
     sweep_dir = tmp_path / "sweep"
-    result = run_launch("-m", *FAST, "model.lora.rank=2,0", f"hydra.sweep.dir={sweep_dir}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    no_held_out = [o for o in FAST if not o.startswith("dataset.validation_split")]
+    result = run_launch("-m", *no_held_out, "model.lora.rank=2,0", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     rows = read_summary(sweep_dir)
     assert [r["status"] for r in rows] == ["ok", "failed"]
     assert rows[1]["model.lora.rank"] == "0" and "model.lora.rank=0" in rows[1]["error"]
+    assert "1 of 2 sweep job(s) failed" in result.stdout + result.stderr
+    assert "this sweep has no held-out data" in result.stdout + result.stderr
+    assert rows[0]["validation_loss"] == "" and float(rows[0]["final_loss"]) > 0
+    assert "Best first by `final_loss`, the final train loss" in (sweep_dir / "summary.md").read_text()
 
 
 def test_validation_loss_is_reproducible_and_depends_on_training(tmp_path, grid, tiny_model_path):
@@ -131,5 +137,39 @@ def test_job_folders_are_named_by_the_sweep_under_a_submitit_launcher(tmp_path, 
                         f"hydra.sweep.dir={sweep_dir}", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert jobs == ["0_optimizer.lr=0.0001", "1_optimizer.lr=0.01"]
+    assert jobs == ["0_lr-0.0001", "1_lr-0.01"]
     assert [r["status"] for r in read_summary(sweep_dir)] == ["ok", "ok"]
+
+
+def test_job_names_keep_values_readable_and_signs():
+    from sd_lora.sweep import safe_value, short_names
+
+    assert [safe_value(v) for v in ("2.4e-4", "-0.1", "[to_q,to_k]", "a/b=c")] == ["2.4e-4", "-0.1", "to_q-to_k", "a-b-c"]
+    assert short_names(["optimizer.lr", "model.lora.rank", "dataset.resolution"]) == {
+        "optimizer.lr": "lr", "model.lora.rank": "rank", "dataset.resolution": "resolution"}
+    # two keys ending alike keep their whole names
+    assert short_names(["model.lora.dropout", "trainer.dropout"]) == {
+        "model.lora.dropout": "model-lora-dropout", "trainer.dropout": "trainer-dropout"}
+
+
+def sweep_config(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    import sd_lora.sweep  # noqa: F401  (the job_name resolver)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_the_sweep_preflight_checks_devices_only_where_its_jobs_run():
+    """In-process jobs share this machine: a device it lacks stops the sweep. Jobs a launcher sends to other
+    machines (SLURM) are checked there: the login node's lack of a GPU must not stop them."""
+    from sd_lora.sweep import preflight
+
+    with pytest.raises(SystemExit) as stopped:
+        preflight(sweep_config("device=gcu"), swept=["optimizer.lr"])
+    assert stopped.value.code == 2
+    preflight(sweep_config("device=gcu", "hydra/launcher=submitit_local"), swept=["optimizer.lr"])  # no exit
+    with pytest.raises(SystemExit):  # the data set is shared by every job wherever it runs: still checked
+        preflight(sweep_config("hydra/launcher=submitit_local", "dataset.path=nowhere"), swept=["optimizer.lr"])
+    preflight(sweep_config("dataset.path=nowhere"), swept=["dataset.path"])  # swept: each job checks its own

@@ -9,6 +9,7 @@ import torch
 
 from sd_lora.config import ModelConfig
 from sd_lora.families.base import Components, ModelFamily
+from sd_lora.notices import quiet_pipeline_imports
 
 
 class StableDiffusion(ModelFamily):
@@ -50,6 +51,7 @@ class StableDiffusion(ModelFamily):
 
     def pipeline(self, path: Path, cfg: ModelConfig, dtype: torch.dtype, components: Components | None = None,
                  unet: torch.nn.Module | None = None):
+        quiet_pipeline_imports()  # before the import: it is the import that logs the notice
         from diffusers import StableDiffusionPipeline
 
         given = {}
