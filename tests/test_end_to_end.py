@@ -309,14 +309,18 @@ def test_generate_makes_images_from_a_run(run_dir, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["00.png", "01.png"]
 
 
-def test_generate_takes_a_lora_file_and_writes_beside_its_run(run_dir, tmp_path):
+def test_generate_takes_a_lora_file_and_writes_beside_its_run(tmp_path):
+    """(The run directory's case, which loads the same way, runs whole in the test above.)"""
+    from sd_lora.generate import lora_file_of, run_root
+
     run = tmp_path / "run"
     (run / "lora").mkdir(parents=True)
-    shutil.copy(run_dir / "lora" / "pytorch_lora_weights.safetensors", run / "lora" / "mine.safetensors")
-    result = run_launch(f"run_dir={run / 'lora' / 'mine.safetensors'}", "prompt=a green square", "num_images=1",
-                        "num_inference_steps=1", "device_type=cpu", module="sd_lora.generate")
-    assert result.returncode == 0, result.stderr
-    assert [p.name for p in run.glob("generated/*/*.png")] == ["00.png"]
+    mine, loose = run / "lora" / "mine.safetensors", tmp_path / "loose.safetensors"
+    for path in (mine, loose, run / "lora" / "pytorch_lora_weights.safetensors"):
+        path.write_bytes(b"")
+    assert (lora_file_of(mine), run_root(str(mine))) == (mine, str(run))  # images go to the run's generated/
+    assert (lora_file_of(loose), run_root(str(loose))) == (loose, str(tmp_path))
+    assert (lora_file_of(run), run_root(str(run))) == (run / "lora" / "pytorch_lora_weights.safetensors", str(run))
 
 
 def test_generate_without_its_keys_prints_one_usage_line(tmp_path):
@@ -375,7 +379,6 @@ def test_hub_cache_is_used_offline(tiny_model_path, tmp_path):
     (["device=cpu", "precision=fp16"], "precision=bf16"),
     (["dataset.caption_column=caption"], "['image', 'text']"),
     (["device=gcu"], "torch_gcu"),
-    (["model.lora.init_from=nowhere.safetensors"], "model.lora.init_from='nowhere.safetensors': no LoRA file"),
 ])
 def test_user_mistakes_get_one_clear_message(overrides, expected, tmp_path):
     result = run_launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -388,12 +391,13 @@ def test_user_mistakes_get_one_clear_message(overrides, expected, tmp_path):
 
 def test_every_problem_is_told_in_one_launch(tmp_path):
     """The tutorial's run on a machine without its device, model and data: all three in one message."""
-    result = run_launch("+experiment=pokemon_sd21_768", cwd=tmp_path)
+    result = run_launch("+experiment=pokemon_sd21_768", "model.lora.init_from=nowhere.safetensors", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     output = result.stdout + result.stderr
-    assert "3 problems, to be fixed before the run can start" in output and "Traceback" not in output
+    assert "4 problems, to be fixed before the run can start" in output and "Traceback" not in output
     for expected in ("1. device=gcu needs torch_gcu", "2. model.pretrained_model_name_or_path='pokemon/",
-                     "3. dataset.path='pokemon/pokemon_blip_captions'", "+experiment=naruto_sd21_768"):
+                     "3. model.lora.init_from='nowhere.safetensors': no LoRA file",
+                     "4. dataset.path='pokemon/pokemon_blip_captions'", "+experiment=naruto_sd21_768"):
         assert expected in output, expected
 
 

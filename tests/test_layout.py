@@ -106,22 +106,23 @@ for name in ("tokenize", "encode", "predict", "pipeline", "lora_modules"):
     setattr(Recording, name, wrapped)
 
 FAMILIES[ModelFamilyName.sd] = family = Recording()
-model, data, out, cache = sys.argv[1:5]
-cfg = OmegaConf.structured(Config)
-cfg.model.pretrained_model_name_or_path = model
-cfg.dataset.path = data
-cfg.dataset.resolution, cfg.dataset.max_train_samples, cfg.dataset.cache = 32, 4, cache == "cache"
-cfg.dataset.cache_dir = out + "/cache"
-cfg.trainer.train_batch_size, cfg.trainer.max_train_steps = 2, 2
-cfg.trainer.validation_prompts, cfg.trainer.num_validation_images, cfg.trainer.num_inference_steps = ["a"], 1, 1
-cfg.device.type = "cpu"
-report = train(to_config(cfg), Path(out) / "run")
-print("CALLS", json.dumps({"steps": report["global_step"], **family.calls}))
+model, data, out = sys.argv[1:4]
+for cache in (False, True):
+    cfg = OmegaConf.structured(Config)
+    cfg.model.pretrained_model_name_or_path = model
+    cfg.dataset.path = data
+    cfg.dataset.resolution, cfg.dataset.max_train_samples, cfg.dataset.cache = 32, 4, cache
+    cfg.dataset.cache_dir = out + "/cache"
+    cfg.trainer.train_batch_size, cfg.trainer.max_train_steps = 2, 2
+    cfg.trainer.validation_prompts, cfg.trainer.num_validation_images, cfg.trainer.num_inference_steps = ["a"], 1, 1
+    cfg.device.type = "cpu"
+    family.calls.clear()
+    report = train(to_config(cfg), Path(out) / f"run-{cache}")
+    print("CALLS", json.dumps({"cache": cache, "steps": report["global_step"], **family.calls}))
 """
 
 
-@pytest.mark.parametrize("cache", [False, True])
-def test_the_trainer_reaches_the_model_through_its_family(tiny_model_path, tmp_path, cache):
+def test_the_trainer_reaches_the_model_through_its_family(tiny_model_path, tmp_path):
     """Captions, the U-Net call, validation images and the LoRA file all go through the family object: a family
     that replaces these methods changes what the trainer does, with no branch elsewhere. (In its own process:
     the trainer is driven from Python there, with a recording family in FAMILIES.)"""
@@ -132,13 +133,12 @@ def test_the_trainer_reaches_the_model_through_its_family(tiny_model_path, tmp_p
     script = tmp_path / "recording_run.py"
     script.write_text(RECORDING_RUN)
     result = subprocess.run([sys.executable, str(script), str(tiny_model_path), str(PACKAGE / "assets" / "shapes"),
-                             str(tmp_path), "cache" if cache else "images"], capture_output=True, text=True,
-                            timeout=900)
+                             str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    calls = json.loads(result.stdout.split("CALLS ", 1)[1].splitlines()[0])
-    assert calls["steps"] == 2
-    assert calls["predict"] == 2 and calls["pipeline"] == 1 and calls["lora_modules"] == 1
-    if cache:  # captions encoded once, for the cache file; the steps read it
-        assert calls["encode"] == 1 and calls["tokenize"] == 1
-    else:  # each sample tokenized by the data set, each step's batch encoded
-        assert calls["encode"] >= 2 and calls["tokenize"] >= 4
+    images, cached = (json.loads(line.split("CALLS ", 1)[1]) for line in result.stdout.splitlines()
+                      if line.startswith("CALLS "))
+    for calls in (images, cached):
+        assert calls["steps"] == 2
+        assert calls["predict"] == 2 and calls["pipeline"] == 1 and calls["lora_modules"] == 1
+    assert cached["encode"] == 1 and cached["tokenize"] == 1  # captions encoded once, for the cache; steps read it
+    assert images["encode"] >= 2 and images["tokenize"] >= 4  # each sample tokenized, each step's batch encoded
