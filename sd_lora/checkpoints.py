@@ -242,13 +242,17 @@ def check_resume(cfg: Config, run_dir: Path, fingerprint: dict) -> Path | None:
     return path
 
 
+def outputs_written(run_dir: Path) -> bool:
+    """Whether the run directory holds its LoRA file and report (what a finished run leaves)."""
+    return (run_dir / "report.json").is_file() and (run_dir / "lora" / LORA_WEIGHT_NAME).is_file()
+
+
 def finished_run(cfg: Config, path: Path, fingerprint: dict) -> bool:
     """Whether checkpoint `path` is already the end of the run `cfg` asks for and that run's LoRA and report are
     written, so that resuming it has nothing to do. Known before any weights load: from trainer.max_train_steps,
     or, for a run counted in epochs, from the run length the checkpoint recorded under the same epochs, samples,
     global batch and drop_last (anything else may give another length: the run then goes the normal way)."""
-    run_dir = path.parent.parent
-    if not ((run_dir / "report.json").is_file() and (run_dir / "lora" / LORA_WEIGHT_NAME).is_file()):
+    if not outputs_written(path.parent.parent):
         return False  # the run stopped before writing them: resuming writes them
     step = int(CHECKPOINT_RE.match(path.name).group(1))
     if cfg.trainer.max_train_steps:

@@ -191,19 +191,14 @@ def convert(source: Path, to: str, out: Path, dtype: str = "fp32", facts: dict |
     return save_safetensors(cast, out, metadata={"format": "pt", **meta})
 
 
-def lora_file(path: Path) -> Path:
-    """A run directory's diffusers LoRA file, or `path` itself."""
-    from sd_lora.model import LORA_WEIGHT_NAME
-
-    return path / "lora" / LORA_WEIGHT_NAME if path.is_dir() else path
-
-
 def init_lora_from(modules: dict[str, torch.nn.Module], lora, path: Path) -> None:
     """Set the freshly injected LoRA of `modules` ({"unet": unet}, the family's prefixes) to the weights of the
     LoRA file at `path`, in either layout; UserError where its modules, rank or alpha do not fit `lora`
     (config.LoraSettings)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
+
+    from sd_lora.model import lora_file, lora_state_dict
 
     tensors, header = read_lora(lora_file(path))
     if is_kohya(tensors):
@@ -212,7 +207,7 @@ def init_lora_from(modules: dict[str, torch.nn.Module], lora, path: Path) -> Non
     key = "model.lora.init_from"
     for prefix, module in modules.items():
         own = {k.removeprefix(f"{prefix}."): v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
-        expected = {k for k in _lora_keys(module)}
+        expected = set(lora_state_dict(module))
         if set(own) != expected:
             extra, missing = sorted(set(own) - expected), sorted(expected - set(own))
             raise UserError(f"{key}={str(path)!r} does not fit this model's LoRA ({prefix}): "
@@ -230,12 +225,6 @@ def init_lora_from(modules: dict[str, torch.nn.Module], lora, path: Path) -> Non
         device = next(p for p in module.parameters() if p.requires_grad).device
         state = convert_unet_state_dict_to_peft({k: v.to(device, torch.float32) for k, v in own.items()})
         set_peft_model_state_dict(module, state, adapter_name="default")
-
-
-def _lora_keys(module: torch.nn.Module) -> list[str]:
-    from sd_lora.model import lora_state_dict
-
-    return list(lora_state_dict(module))
 
 
 def merge(source: Path, out_dir: Path, scale: float = 1.0, dtype: str = "fp32", base: str | None = None) -> Path:
@@ -265,7 +254,7 @@ def merge(source: Path, out_dir: Path, scale: float = 1.0, dtype: str = "fp32", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sd_lora.model import LORA_WEIGHT_NAME
+    from sd_lora.model import lora_file
 
     parser = argparse.ArgumentParser(prog="python -m sd_lora.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a LoRA .safetensors file (diffusers or kohya layout), or a run directory")
@@ -277,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="--merge: the LoRA's weight (1 = as trained)")
     parser.add_argument("--base", help="--merge: the base pipeline folder, for a LoRA file sd_lora did not write")
     args = parser.parse_args(argv)
-    source = Path(args.source)
-    if source.is_dir():
-        source = source / "lora" / LORA_WEIGHT_NAME
+    source = lora_file(Path(args.source))
     try:
         if args.merge:
             written = merge(source, Path(args.out) if args.out else source.parent.parent / "merged", args.scale,

@@ -56,13 +56,6 @@ def _register() -> None:
     })
 
 
-def lora_file_of(run_dir: Path) -> Path:
-    """`run_dir` itself when it is a file, else the run's LoRA file."""
-    from sd_lora.model import LORA_WEIGHT_NAME
-
-    return run_dir if run_dir.is_file() else run_dir / "lora" / LORA_WEIGHT_NAME
-
-
 def run_root(run_dir: str) -> str:
     """The folder `generated/` goes into: the run directory (for a LoRA file, the run directory it lies in)."""
     path = Path(run_dir)
@@ -88,10 +81,10 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
     import torch
     from sd_lora.devices import build_backend
     from sd_lora.families import family_of
-    from sd_lora.model import attention_processor, resolve_model_path, sdp_kernel_order, weight_dtype_of
+    from sd_lora.model import attention_processor, lora_file, resolve_model_path, sdp_kernel_order, weight_dtype_of
 
-    lora_file = lora_file_of(Path(cfg.run_dir))
-    trained = run_config(lora_file)
+    lora = lora_file(Path(cfg.run_dir))
+    trained = run_config(lora)
     model_cfg: ModelConfig = model_config_from(trained)
     backend = build_backend(cfg.device_type.value)
     backend.check(cfg.mixed_precision.value)
@@ -100,7 +93,7 @@ def generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
     pipeline = family_of(model_cfg).pipeline(path, model_cfg, dtype)
     attention = cfg.attention or model_cfg.attention
     pipeline.unet.set_attn_processor(attention_processor(attention))
-    pipeline.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="sd_lora")
+    pipeline.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="sd_lora")
     pipeline.set_adapters(["sd_lora"], adapter_weights=[cfg.lora_scale])
     pipeline.to(backend.device(0))
     resolution = cfg.resolution or trained["dataset"]["resolution"]

@@ -29,6 +29,11 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 WEIGHT_DTYPES = {MixedPrecision.no: torch.float32, MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.bfloat16}
 
 
+def lora_file(path: Path) -> Path:
+    """A run directory's diffusers LoRA file, or `path` itself (a LoRA file)."""
+    return path / "lora" / LORA_WEIGHT_NAME if path.is_dir() else path
+
+
 def weight_dtype_of(mixed_precision: MixedPrecision) -> torch.dtype:
     """The dtype of the frozen weights (the LoRA weights stay fp32 whatever the precision)."""
     return WEIGHT_DTYPES[mixed_precision]

@@ -17,7 +17,7 @@ from sd_lora.config import Config
 from sd_lora.data import load_tables
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
-from sd_lora.model import resolve_model_path
+from sd_lora.model import lora_file, resolve_model_path
 from sd_lora.speed import check_speed_switches
 
 
@@ -110,12 +110,10 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
             model_path = resolve_model_path(cfg.model)
     if cfg.model.lora.init_from and not problems.skips(("model.lora.init_from",)):
         with problems.check():
-            from sd_lora.export import lora_file
-
-            if not lora_file(Path(cfg.model.lora.init_from)).is_file():
+            path = lora_file(Path(cfg.model.lora.init_from))
+            if not path.is_file():
                 raise UserError(f"model.lora.init_from={cfg.model.lora.init_from!r}: no LoRA file at "
-                                f"{lora_file(Path(cfg.model.lora.init_from)).resolve()}; give a .safetensors LoRA "
-                                "file or a run directory")
+                                f"{path.resolve()}; give a .safetensors LoRA file or a run directory")
     if not problems.skips(DATA_KEYS):
         with problems.check():
             table, val_table = load_tables(cfg.dataset, seed=cfg.trainer.seed,

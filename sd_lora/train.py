@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.checkpoints import (RunState, check_resume, finished_run, register_checkpoint_hooks, resume,
-                                  run_fingerprint, save_checkpoint)
+from sd_lora.checkpoints import (RunState, check_resume, finished_run, outputs_written, register_checkpoint_hooks,
+                                  resume, run_fingerprint, save_checkpoint)
 from sd_lora.config import Config
 from sd_lora.data import CaptionedImages, build_dataloader, collate
 from sd_lora.devices import Backend
@@ -38,7 +38,7 @@ from sd_lora.families import Components, ModelFamily, family_of
 from sd_lora.guard import NonFiniteGuard
 from sd_lora.loop import Training, run_loop
 from sd_lora.loss import StepModels
-from sd_lora.model import LORA_WEIGHT_NAME, add_lora, load_components, save_lora, weight_dtype_of
+from sd_lora.model import add_lora, load_components, save_lora, weight_dtype_of
 from sd_lora.optim import build_lr_scheduler, build_optimizer, run_length
 from sd_lora.preflight import Checked, checks_before_work
 from sd_lora.report import build_report, config_dict, config_json, tensorboard_hparams, write_report
@@ -212,8 +212,8 @@ def export_lora(tr: Training, unet, lora_file: Path, num_images: int) -> None:
 def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan, t0: float) -> dict | None:
     """The last validation loss, the final checkpoint, the LoRA file and the report."""
     accelerator, state, run_dir = tr.accelerator, tr.state, tr.run_dir
-    if state.resumed_from and state.global_step == state.start_step and (run_dir / "report.json").is_file() \
-            and (run_dir / "lora" / LORA_WEIGHT_NAME).is_file():  # nothing trained, all written: nothing to rewrite
+    if state.resumed_from and state.global_step == state.start_step and outputs_written(run_dir):
+        # nothing trained, all written: nothing to rewrite
         accelerator.end_training()
         return leave_finished_run(run_dir, Path(state.resumed_from), accelerator.is_main_process)
     if tr.evaluate is not None and state.validation_loss_step != state.global_step:

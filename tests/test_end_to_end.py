@@ -311,7 +311,8 @@ def test_generate_makes_images_from_a_run(run_dir, tmp_path):
 
 def test_generate_takes_a_lora_file_and_writes_beside_its_run(tmp_path):
     """(The run directory's case, which loads the same way, runs whole in the test above.)"""
-    from sd_lora.generate import lora_file_of, run_root
+    from sd_lora.generate import run_root
+    from sd_lora.model import lora_file as lora_file_of
 
     run = tmp_path / "run"
     (run / "lora").mkdir(parents=True)

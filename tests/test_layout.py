@@ -8,8 +8,6 @@ import ast
 import functools
 from pathlib import Path
 
-import pytest
-
 import sd_lora
 
 PACKAGE = Path(sd_lora.__file__).parent
