@@ -117,7 +117,7 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
         means.append(posterior.mean.float().reshape(shape).cpu())
         stds.append(posterior.std.float().reshape(shape).cpu())
         for key, value in encode_captions(captions).items():
-            texts.setdefault(key, []).append(value.float().cpu())
+            texts.setdefault(key, []).append(value.float().cpu())  # the family's conditioning: floating point
     if not means:
         raise UserError(f"dataset.on_bad_image=skip: none of the {len(table)} images can be decoded; check dataset.path")
     tensors = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds),
@@ -148,6 +148,17 @@ def load_or_build_cache(cfg: Config, model_path: Path, comps: Components, table,
     key = cache_key(cfg.model, model_path, comps, table, cfg.dataset, dtype)
     path = Path(cfg.dataset.cache_dir or cache_dir() / "embeddings").expanduser() / f"{key}.safetensors"
     return load_or_build(path, lambda: compute_embeddings(table, cfg.dataset, encode_captions, comps.vae, device, dtype))
+
+
+def with_live_text(tensors: dict[str, torch.Tensor], condition_keys: tuple[str, ...], tokenize, table,
+                   caption_column: str) -> dict[str, torch.Tensor]:
+    """The cache's latents with the captions' tokens in place of its text embeddings: for a run whose text
+    encoders train (model.lora.train_text_encoder), where an embedding computed once would be stale after the
+    first step. The rows are the cache's: the table's, less the rows it left out."""
+    skipped = set(tensors["skipped_rows"].tolist()) if "skipped_rows" in tensors else set()
+    captions = [c for i, c in enumerate(table[caption_column]) if i not in skipped]
+    kept = {k: v for k, v in tensors.items() if k not in condition_keys}
+    return {**kept, **tokenize(captions)}
 
 
 class CachedEmbeddings(torch.utils.data.Dataset):

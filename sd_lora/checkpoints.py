@@ -20,7 +20,7 @@ from pathlib import Path
 from sd_lora.config import Config, global_batch_size
 from sd_lora.errors import UserError
 from sd_lora.files import save_safetensors
-from sd_lora.model import LORA_WEIGHT_NAME, lora_state_dict
+from sd_lora.model import LORA_WEIGHT_NAME, lora_state_dict, peft_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +47,43 @@ class RunState:
     guard: object = None  # the run's guard.NonFiniteGuard
 
 
-def register_checkpoint_hooks(accelerator, unet) -> None:
-    """Checkpoints hold the LoRA weights only (not the frozen 3 GB U-Net), plus optimizer/scheduler/RNG."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
+def checkpoint_lora_file(prefix: str) -> str:
+    """The file in a checkpoint that holds the LoRA of the module the LoRA file prefixes with `prefix`."""
+    return "lora.safetensors" if prefix == "unet" else f"lora_{prefix}.safetensors"
+
+
+def register_checkpoint_hooks(accelerator, modules: dict) -> None:
+    """Checkpoints hold the LoRA weights only (not the frozen 3 GB U-Net), plus optimizer/scheduler/RNG.
+
+    `modules`: the prepared trained modules under the LoRA file's prefixes (`{"unet": ..., "text_encoder": ...}`);
+    each one's LoRA goes into its own file (checkpoint_lora_file).
+    """
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
+
+    def base(model):
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    prefixes = {id(base(model)): prefix for prefix, model in modules.items()}
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                base = accelerator.unwrap_model(model, keep_torch_compile=False)
-                save_safetensors(lora_state_dict(base), Path(output_dir) / "lora.safetensors")
+                module = base(model)
+                save_safetensors(lora_state_dict(module), Path(output_dir) / checkpoint_lora_file(prefixes[id(module)]))
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
         while models:
-            model = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
-            state = convert_unet_state_dict_to_peft(load_file(str(Path(input_dir) / "lora.safetensors")))
-            result = set_peft_model_state_dict(model, state, adapter_name="default")
+            module = base(models.pop())
+            file = Path(input_dir) / checkpoint_lora_file(prefixes[id(module)])
+            if not file.is_file():
+                raise UserError(f"checkpoint {input_dir} holds no {file.name}: it was made without the "
+                                f"{prefixes[id(module)]} LoRA this run trains (model.lora.train_text_encoder); resume "
+                                "with the settings it was made with, or start a new run")
+            result = set_peft_model_state_dict(module, peft_state_dict(module, load_file(str(file))),
+                                               adapter_name="default")
             unexpected = getattr(result, "unexpected_keys", None)
             if unexpected:
                 raise UserError(f"checkpoint {input_dir} does not fit this model: unexpected keys {unexpected[:3]}")
@@ -159,6 +177,8 @@ FINGERPRINT_KEYS = {
     "model.lora.rank": "model.lora.rank",
     "model.lora.alpha": "model.lora.alpha",
     "model.lora.target_modules": "model.lora.target_modules",
+    "model.lora.text_encoder": "the text encoder LoRA (model.lora.train_text_encoder, text_encoder_rank, "
+                               "text_encoder_alpha, text_encoder_target_modules)",
     "training_samples": "the number of training samples (dataset.path, dataset.max_train_samples, "
                         "dataset.validation_split)",
 }
@@ -187,6 +207,9 @@ def run_fingerprint(cfg: Config, model_path: Path, table, num_processes: int) ->
         "model.lora.rank": lora.rank,
         "model.lora.alpha": lora.lora_alpha,
         "model.lora.target_modules": sorted(lora.target_modules),
+        "model.lora.text_encoder": ({"rank": lora.text_rank, "alpha": lora.text_lora_alpha,
+                                     "target_modules": sorted(lora.text_encoder_target_modules)}
+                                    if lora.train_text_encoder else None),
         "training_samples": len(table),
         # warned about only: a moved folder, or another batch layout (which shifts the position inside the epoch)
         "model_path": str(Path(model_path).resolve()),

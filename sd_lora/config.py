@@ -108,6 +108,12 @@ class LoraSettings:
     )  # U-Net module names (suffixes) that get a LoRA adapter
     init_lora_weights: str = "gaussian"  # peft init: gaussian (diffusers' choice) or true (kaiming)
     init_from: Optional[str] = None  # start from this LoRA (a file in diffusers' or kohya's layout, or a run dir); its rank, alpha and modules must be the configured ones
+    train_text_encoder: bool = False  # LoRA on the text encoder(s) too (trained with optimizer.text_encoder_lr)
+    text_encoder_rank: Optional[int] = None  # the text encoder LoRA's rank; null = rank
+    text_encoder_alpha: Optional[float] = None  # the text encoder LoRA's alpha; null = alpha (null there: its rank)
+    text_encoder_target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )  # text encoder module names (suffixes) that get a LoRA adapter (diffusers' DreamBooth LoRA scripts' choice)
 
     def __post_init__(self):
         _check(self.rank >= 1, "model.lora.rank", self.rank, "use a positive integer such as 4")
@@ -125,9 +131,25 @@ class LoraSettings:
             "name at least one module, e.g. [to_q,to_k,to_v,to_out.0]",
         )
 
+        _check(self.text_encoder_rank is None or self.text_encoder_rank >= 1, "model.lora.text_encoder_rank",
+               self.text_encoder_rank, "use a positive integer, or null for model.lora.rank")
+        _check(self.text_encoder_alpha is None or self.text_encoder_alpha > 0, "model.lora.text_encoder_alpha",
+               self.text_encoder_alpha, "use a positive number, or null for model.lora.alpha")
+        _check(len(self.text_encoder_target_modules) > 0, "model.lora.text_encoder_target_modules",
+               self.text_encoder_target_modules, "name at least one module, e.g. [q_proj,k_proj,v_proj,out_proj]")
+
     @property
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def text_rank(self) -> int:
+        return self.text_encoder_rank or self.rank
+
+    @property
+    def text_lora_alpha(self) -> float:
+        alpha = self.text_encoder_alpha if self.text_encoder_alpha is not None else self.alpha
+        return float(self.text_rank if alpha is None else alpha)
 
 
 @dataclass
@@ -201,9 +223,12 @@ class OptimizerConfig:
     lr_warmup_steps: int = 0  # optimizer steps of linear warm-up
     max_grad_norm: Optional[float] = 1.0  # clip the LoRA gradients' global norm; null = no clipping
     fused: Optional[bool] = None  # fused AdamW kernel; null = where the device supports it
+    text_encoder_lr: Optional[float] = None  # model.lora.train_text_encoder: the text encoder LoRA's lr; null = lr
 
     def __post_init__(self):
         _check(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate such as 1e-4")
+        _check(self.text_encoder_lr is None or self.text_encoder_lr > 0, "optimizer.text_encoder_lr",
+               self.text_encoder_lr, "use a positive learning rate such as 5e-5, or null for optimizer.lr")
         _check(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             "optimizer.betas",

@@ -36,7 +36,7 @@ class ValidationSet:
     """Encoded held-out samples with their fixed timesteps and noise, ready on the device."""
 
     latents: torch.Tensor  # (N*K, 4, h, w): each sample repeated for each timestep
-    conditioning: dict[str, torch.Tensor]  # the family's text conditioning, each (N*K, ...)
+    text: dict[str, torch.Tensor]  # the family's text conditioning, or its tokens where the text encoders train
     timesteps: torch.Tensor  # (N*K,)
     noise: torch.Tensor  # (N*K, 4, h, w)
     num_samples: int
@@ -45,14 +45,15 @@ class ValidationSet:
 @torch.no_grad()
 def build_validation_set(table, cfg_dataset, encode_captions, vae, noise_scheduler, device,
                          dtype: torch.dtype, num_timesteps: int, seed: int, batch_size: int = 8) -> ValidationSet:
-    """`encode_captions`: captions -> the family's conditioning tensors (families.ModelFamily.encode_captions)."""
+    """`encode_captions`: captions -> the family's conditioning tensors (families.ModelFamily.encode_captions), or
+    its token tensors where the text encoders train (encoded with their current LoRA at each evaluation)."""
     pixels, captions, latents, texts, skipped = [], [], [], {}, []
 
     def encode() -> None:  # a few at a time, like the embedding cache; no more images than that held at once
         latents.append(vae.encode(torch.stack(pixels).to(device, dtype=dtype)).latent_dist.mean.float()
                        * vae.config.scaling_factor)
         for key, value in encode_captions(captions).items():
-            texts.setdefault(key, []).append(value.float())
+            texts.setdefault(key, []).append(value.float() if value.is_floating_point() else value)
         pixels.clear()
         captions.clear()
 
@@ -89,40 +90,55 @@ def build_validation_set(table, cfg_dataset, encode_captions, vae, noise_schedul
     noise = torch.randn((n * k,) + tuple(latents.shape[1:]), generator=generator)
     return ValidationSet(
         latents=latents.repeat_interleave(k, dim=0),
-        conditioning={key: torch.cat(parts).repeat_interleave(k, dim=0) for key, parts in texts.items()},
+        text={key: torch.cat(parts).repeat_interleave(k, dim=0) for key, parts in texts.items()},
         timesteps=steps.repeat(n).to(device),
         noise=noise.to(device),
         num_samples=n,
     )
 
 
+@contextlib.contextmanager
+def evaluating(*modules: torch.nn.Module):
+    """The modules in eval mode (no LoRA dropout) for the block; each back in its own mode after it."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
 @torch.no_grad()
 def validation_loss(unet, family: ModelFamily, noise_scheduler, vset: ValidationSet, dtype: torch.dtype,
-                    autocast=contextlib.nullcontext, batch_size: int = 8) -> float:
-    """Mean diffusion loss over all held-out samples and fixed timesteps."""
-    was_training = unet.training
-    unet.eval()
+                    autocast=contextlib.nullcontext, batch_size: int = 8, text_encoders: tuple = ()) -> float:
+    """Mean diffusion loss over all held-out samples and fixed timesteps (captions held as tokens are encoded
+    by `text_encoders`)."""
     total, count = 0.0, 0
-    for start in range(0, len(vset.latents), batch_size):
-        sl = slice(start, start + batch_size)
-        latents, noise, t = vset.latents[sl], vset.noise[sl], vset.timesteps[sl]
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        target = training_target(noise_scheduler, latents, noise, t)
-        with autocast():
-            pred = family.predict(unet, noisy.to(dtype), t, {key: value[sl].to(dtype)
-                                                             for key, value in vset.conditioning.items()})
-        total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
-        count += target.numel()
-    if was_training:
-        unet.train()
+    with evaluating(unet, *text_encoders):
+        for start in range(0, len(vset.latents), batch_size):
+            sl = slice(start, start + batch_size)
+            latents, noise, t = vset.latents[sl], vset.noise[sl], vset.timesteps[sl]
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            target = training_target(noise_scheduler, latents, noise, t)
+            with autocast():
+                conditioning = family.conditioning(text_encoders, {k: v[sl] for k, v in vset.text.items()}, dtype)
+                pred = family.predict(unet, noisy.to(dtype), t, conditioning)
+            total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
+            count += target.numel()
     return total / count
 
 
 def build_evaluator(cfg: Config, accelerator, family: ModelFamily, comps: Components, val_table,
                     weight_dtype: torch.dtype) -> Callable:
     """A function (unet, state) -> validation loss, logged to tensorboard and kept in the run state."""
-    vset = build_validation_set(val_table, cfg.dataset,
-                                lambda captions: family.encode_captions(comps, captions, accelerator.device),
+    def text_of(captions: list[str]) -> dict[str, torch.Tensor]:
+        if comps.text_trained:  # tokens: encoded at each evaluation, with the text encoders' LoRA as it is then
+            return {k: v.to(accelerator.device) for k, v in family.tokenize(comps.tokenizers, captions).items()}
+        return family.encode_captions(comps, captions, accelerator.device)
+
+    vset = build_validation_set(val_table, cfg.dataset, text_of,
                                 comps.vae, comps.noise_scheduler, accelerator.device, weight_dtype,
                                 cfg.trainer.validation_loss_timesteps, cfg.trainer.validation_loss_seed)
     log.info("validation loss on %d held-out sample(s) x %d fixed timesteps", vset.num_samples,
@@ -132,7 +148,8 @@ def build_evaluator(cfg: Config, accelerator, family: ModelFamily, comps: Compon
         base = accelerator.unwrap_model(unet, keep_torch_compile=False)
         # a factory: accelerate's autocast is a one-shot context manager, entered once per batch
         autocast = accelerator.autocast if weight_dtype != torch.float32 else contextlib.nullcontext
-        value = validation_loss(base, family, comps.noise_scheduler, vset, weight_dtype, autocast)
+        value = validation_loss(base, family, comps.noise_scheduler, vset, weight_dtype, autocast,
+                                text_encoders=comps.text_encoders if comps.text_trained else ())
         state.validation_loss, state.validation_loss_step = value, state.global_step
         accelerator.log({"val/loss": value}, step=state.global_step)
         log.info("validation loss at step %d: %.6f", state.global_step, value)
@@ -153,11 +170,9 @@ def render_validation_images(cfg: Config, accelerator, family: ModelFamily, comp
     out = run_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    was_training = unet.training
-    unet.eval()
     autocast = accelerator.autocast() if weight_dtype != torch.float32 else contextlib.nullcontext()
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, evaluating(unet, *comps.text_encoders):
         for i, prompt in enumerate(t.validation_prompts):
             images = pipeline(prompt, num_inference_steps=t.num_inference_steps, generator=generator,
                               num_images_per_prompt=t.num_validation_images,
@@ -168,8 +183,6 @@ def render_validation_images(cfg: Config, accelerator, family: ModelFamily, comp
                 written.append(path)
             tracker.add_images(f"validation/{i}: {prompt}", np.stack([np.asarray(im) for im in images]), step,
                                dataformats="NHWC")
-    if was_training:
-        unet.train()
     if cfg.dataset.cache:
         comps.move_frozen("cpu")
     log.info("validation at step %d: %d image(s) in %s", step, len(written), out)

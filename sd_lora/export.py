@@ -38,6 +38,27 @@ JOINED = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q",
           "linear_1", "linear_2", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
           "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# a LoRA weight's key in diffusers' layout, without the file's prefix: the U-Net's `<module>.lora.down.weight`, a
+# text encoder's projections `<module>.lora_linear_layer.down.weight`, other modules peft's `<module>.lora_A.weight`
+DIFFUSERS_KEY = re.compile(r"^(?P<module>.+?)\.(?:lora\.(?P<a>down|up)|lora_linear_layer\.(?P<b>down|up)|lora_(?P<c>A|B))"
+                           r"\.weight$")
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """`<module>.<any of diffusers' LoRA weight names>` -> (module, "down" | "up"); None for another key."""
+    found = DIFFUSERS_KEY.match(key)
+    if not found:
+        return None
+    kind = found["a"] or found["b"] or {"A": "down", "B": "up"}[found["c"]]
+    return found["module"], kind
+
+
+def _diffusers_keys(module_weights: dict[tuple[str, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{(module, down|up): tensor} -> the keys the trainer writes (peft's names through diffusers' converter)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    peft = {f"{m}.lora_{'A' if kind == 'down' else 'B'}.weight": v for (m, kind), v in module_weights.items()}
+    return convert_state_dict_to_diffusers(peft)
 
 
 def is_kohya(tensors: dict) -> bool:
@@ -69,15 +90,16 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], header: dict) -> dict[s
     out = {}
     for key, value in tensors.items():
         prefix, _, rest = key.partition(".")
-        module, _, kind = rest.rpartition(".lora.")
-        if prefix not in KOHYA_PREFIXES or kind not in ("down.weight", "up.weight"):
+        split = _split_key(rest)
+        if prefix not in KOHYA_PREFIXES or split is None:
             raise UserError(f"LoRA key {key!r} is not in diffusers' layout (<unet|text_encoder>.<module>.lora.down|up"
                             ".weight); give a LoRA file written by sd_lora or diffusers")
+        module, kind = split
         if prefix not in configs:
             raise UserError(f"the LoRA file has no adapter config for {prefix!r} ({ADAPTER_KEY}), so its alpha is "
                             "unknown; give a file written by sd_lora or by diffusers' save_lora_weights")
         name = KOHYA_PREFIXES[prefix] + module.replace(".", "_")
-        out[f"{name}.lora_{kind}"] = value
+        out[f"{name}.lora_{kind}.weight"] = value
         cfg = configs[prefix]
         alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
@@ -104,7 +126,7 @@ def _module_path(kohya_name: str) -> str:
 def kohya_to_diffusers(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya-layout tensors -> diffusers-layout tensors and the header entry that keeps each module's alpha."""
     by_prefix = {value: key for key, value in KOHYA_PREFIXES.items()}
-    out, ranks, alphas = {}, {}, {}
+    weights, ranks, alphas = {}, {}, {}
     for key, value in tensors.items():
         name, _, kind = key.partition(".")
         prefix = next((p for p in sorted(by_prefix, key=len, reverse=True) if name.startswith(p)), None)
@@ -115,9 +137,10 @@ def kohya_to_diffusers(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torc
         if kind == "alpha":
             alphas[(target, module)] = float(value)
             continue
-        out[f"{target}.{module}.lora.{kind.removeprefix('lora_')}"] = value
+        weights.setdefault(target, {})[(module, kind.split(".")[0].removeprefix("lora_"))] = value
         if kind == "lora_down.weight":
             ranks[(target, module)] = value.shape[0]
+    out = {f"{target}.{k}": v for target, found in weights.items() for k, v in _diffusers_keys(found).items()}
     configs = {}
     for target in sorted({t for t, _ in ranks}):
         modules = {m: r for (t, m), r in ranks.items() if t == target}
@@ -146,7 +169,10 @@ def kohya_metadata(config: dict, run_name: str, facts: dict | None = None) -> di
         "ss_learning_rate": str(config["optimizer"]["lr"]), "ss_unet_lr": str(config["optimizer"]["lr"]),
         "ss_training_comment": "trained with sd_lora", "ss_seed": str(config["trainer"]["seed"]),
         "ss_mixed_precision": str(config["precision"]["mixed_precision"]),
+        "ss_network_train_unet_only": str(not lora.get("train_text_encoder", False)),
     }
+    if lora.get("train_text_encoder"):
+        meta["ss_text_encoder_lr"] = str(config["optimizer"].get("text_encoder_lr") or config["optimizer"]["lr"])
     facts = facts or {}
     if "v2" in facts:
         meta.update(ss_v2=str(facts["v2"]), ss_base_model_version="sd_v2" if facts["v2"] else "sd_v1")
@@ -192,20 +218,27 @@ def convert(source: Path, to: str, out: Path, dtype: str = "fp32", facts: dict |
 
 
 def init_lora_from(modules: dict[str, torch.nn.Module], lora, path: Path) -> None:
-    """Set the freshly injected LoRA of `modules` ({"unet": unet}, the family's prefixes) to the weights of the
-    LoRA file at `path`, in either layout; UserError where its modules, rank or alpha do not fit `lora`
-    (config.LoraSettings)."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
+    """Set the freshly injected LoRA of `modules` ({"unet": unet, "text_encoder": ...}, the family's prefixes) to
+    the weights of the LoRA file at `path`, in either layout; UserError where its modules, rank or alpha do not fit
+    `lora` (config.LoraSettings), or where it holds a LoRA for a module that does not train here."""
     from peft.utils import set_peft_model_state_dict
 
-    from sd_lora.model import lora_file, lora_state_dict
+    from sd_lora.model import lora_file, lora_state_dict, peft_state_dict
 
     tensors, header = read_lora(lora_file(path))
     if is_kohya(tensors):
         tensors, header = kohya_to_diffusers(tensors)
     configs = _adapter_configs(header)
     key = "model.lora.init_from"
+    unused = sorted({k.partition(".")[0] for k in tensors} - set(modules))
+    if unused:
+        raise UserError(f"{key}={str(path)!r} holds a LoRA for {', '.join(unused)} as well, which this run does not "
+                        "train; set model.lora.train_text_encoder=true to start from all of it, or give a U-Net-only "
+                        "LoRA")
     for prefix, module in modules.items():
+        rank, alpha_now, ranks_key, alpha_key = (
+            (lora.rank, lora.lora_alpha, "model.lora.rank", "model.lora.alpha") if prefix == "unet" else
+            (lora.text_rank, lora.text_lora_alpha, "model.lora.text_encoder_rank", "model.lora.text_encoder_alpha"))
         own = {k.removeprefix(f"{prefix}."): v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
         expected = set(lora_state_dict(module))
         if set(own) != expected:
@@ -213,17 +246,18 @@ def init_lora_from(modules: dict[str, torch.nn.Module], lora, path: Path) -> Non
             raise UserError(f"{key}={str(path)!r} does not fit this model's LoRA ({prefix}): "
                             + (f"{len(missing)} module weight(s) missing, e.g. {missing[0]}; " if missing else "")
                             + (f"{len(extra)} unknown, e.g. {extra[0]}; " if extra else "")
-                            + "give a LoRA of this base model with the same model.lora.target_modules")
-        ranks = {v.shape[0] for k, v in own.items() if k.endswith("lora.down.weight")}
-        if ranks != {lora.rank}:
-            raise UserError(f"{key}={str(path)!r} has rank {sorted(ranks)}, model.lora.rank={lora.rank}: set "
-                            f"model.lora.rank={max(ranks)}")
+                            + "give a LoRA of this base model with the same model.lora.target_modules "
+                              "(text_encoder_target_modules for the text encoder)")
+        ranks = {v.shape[0] for k, v in own.items() if _split_key(k)[1] == "down"}
+        if ranks != {rank}:
+            raise UserError(f"{key}={str(path)!r} has rank {sorted(ranks)} ({prefix}), {ranks_key}={rank}: set "
+                            f"{ranks_key}={max(ranks)}")
         alpha = configs.get(prefix, {}).get("lora_alpha")
-        if alpha is not None and float(alpha) != lora.lora_alpha:
-            raise UserError(f"{key}={str(path)!r} was trained with alpha {alpha}, model.lora.alpha={lora.lora_alpha}: "
-                            f"set model.lora.alpha={alpha} (another alpha would rescale it)")
+        if alpha is not None and float(alpha) != alpha_now:
+            raise UserError(f"{key}={str(path)!r} was trained with alpha {alpha} ({prefix}), {alpha_key}={alpha_now}: "
+                            f"set {alpha_key}={alpha} (another alpha would rescale it)")
         device = next(p for p in module.parameters() if p.requires_grad).device
-        state = convert_unet_state_dict_to_peft({k: v.to(device, torch.float32) for k, v in own.items()})
+        state = peft_state_dict(module, {k: v.to(device, torch.float32) for k, v in own.items()})
         set_peft_model_state_dict(module, state, adapter_name="default")
 
 

@@ -58,13 +58,14 @@ def run_loop(tr: Training) -> None:
     else:
         epochs = range(state.first_epoch, tr.length.num_epochs)
     for epoch in epochs:
-        models.unet.train()
+        for module in models.trained:
+            module.train()
         tr.shuffle.epoch = epoch  # this epoch's order, also in a process resumed inside it (see data.EpochShuffle)
         loader = tr.dataloader
         if epoch == state.first_epoch and state.resume_batches:
             loader = accelerator.skip_first_batches(tr.dataloader, state.resume_batches)
         for batch in loader:
-            with accelerator.accumulate(models.unet):
+            with accelerator.accumulate(*models.trained):
                 gens = sample_generators(batch["index"], t.seed, epoch, accelerator.device)
                 loss = train_step(models, batch, t.noise_offset, t.snr_gamma, gens)
                 accelerator.backward(loss)
@@ -97,8 +98,10 @@ def run_loop(tr: Training) -> None:
                 now = time.perf_counter()
                 samples_per_s = (state.global_step - last_log[1]) * total_batch / max(now - last_log[0], 1e-9)
                 last_log = (now, state.global_step)
-                lr = tr.lr_scheduler.get_last_lr()[0]
+                lr, *text_lrs = tr.lr_scheduler.get_last_lr()  # the U-Net's group first (optim.param_groups)
                 scalars = {"train/lr": lr, "train/samples_per_s": samples_per_s}
+                if text_lrs:
+                    scalars["train/lr_text_encoder"] = text_lrs[0]
                 if count:  # else every step since the last log was skipped for a NaN/Inf loss
                     state.last_loss = scalars["train/loss"] = total / count
                 accelerator.log(scalars, step=state.global_step)

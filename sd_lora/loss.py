@@ -63,10 +63,16 @@ class StepModels:
     noise_scheduler: object
     weight_dtype: torch.dtype
     family: ModelFamily
+    text_trained: bool = False  # the text encoders carry a LoRA that trains: they run with gradients
 
     @property
     def scaling_factor(self) -> float:
         return self.vae.config.scaling_factor
+
+    @property
+    def trained(self) -> tuple[torch.nn.Module, ...]:
+        """The modules whose LoRA trains (what the loop puts in train mode and accumulates gradients of)."""
+        return (self.unet, *self.text_encoders) if self.text_trained else (self.unet,)
 
 
 def sample_generators(indices: list[int], seed: int, epoch: int, device) -> list[torch.Generator]:
@@ -92,7 +98,7 @@ def train_step(m: StepModels, batch: dict, noise_offset: float, snr_gamma: float
         with torch.no_grad():
             posterior = m.vae.encode(batch["pixel_values"].to(dtype=m.weight_dtype)).latent_dist
             mean, std = posterior.mean, posterior.std
-    conditioning = m.family.conditioning(m.text_encoders, batch, m.weight_dtype)
+    conditioning = m.family.conditioning(m.text_encoders, batch, m.weight_dtype, grad=m.text_trained)
     latents = ((mean + std * _randn(gens, mean.shape[1:], mean)) * m.scaling_factor).to(m.weight_dtype)
     noise = _randn(gens, latents.shape[1:], latents)
     if noise_offset:

@@ -134,17 +134,79 @@ def add_lora(unet: torch.nn.Module, attention: Attention, lora: LoraSettings) ->
     return params
 
 
+def add_text_lora(text_encoders: tuple, lora: LoraSettings) -> list[torch.nn.Parameter]:
+    """Inject peft LoRA into each text encoder (model.lora.train_text_encoder), weights fp32; return them.
+
+    peft's own injection: transformers' `add_adapter` does the same but refuses the peft releases on PyPI
+    today (transformers 5.24 asks for peft >= 0.22). `peft_config` is set where transformers' would set it,
+    which is where `get_peft_model_state_dict` and `save_lora` read the adapter's rank and alpha.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=lora.text_rank, lora_alpha=lora.text_lora_alpha, lora_dropout=lora.dropout,
+                        init_lora_weights=_init_value(lora.init_lora_weights),
+                        target_modules=list(lora.text_encoder_target_modules))
+    params = []
+    for text_encoder in text_encoders:
+        try:
+            inject_adapter_in_model(config, text_encoder, adapter_name="default")
+        except ValueError as exc:
+            raise UserError(f"model.lora.text_encoder_target_modules={list(lora.text_encoder_target_modules)}: "
+                            f"{exc}") from None
+        text_encoder.peft_config = {"default": config}
+        params += [p for p in text_encoder.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+@contextlib.contextmanager
+def lora_off(*modules: torch.nn.Module):
+    """The modules' LoRA layers switched off for the block: the base model's outputs (for the embedding cache,
+    which other runs share, while the text encoders carry a LoRA, model.lora.init_from's one included)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 def _init_value(value: str):
     lowered = str(value).lower()
     return {"true": True, "false": False}.get(lowered, value)
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The U-Net's LoRA weights, keyed as diffusers' `load_lora_weights` expects (without the `unet.` prefix)."""
+def _flat_clip(module: torch.nn.Module) -> bool:
+    """transformers 5's CLIP text models hold their layers at the top (`encoder.layers...`), transformers 4's
+    under `text_model`. LoRA files keep the `text_model.` names that every tool reads (diffusers' loader maps
+    them onto either), so that a file does not depend on the transformers release it was written with."""
+    return type(module).__name__.startswith("CLIPText") and not hasattr(module, "text_model")
+
+
+def lora_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's LoRA weights, keyed as diffusers' `load_lora_weights` expects (without the `unet.` /
+    `text_encoder.` prefix)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    return {f"text_model.{k}": v for k, v in state.items()} if _flat_clip(module) else state
+
+
+def peft_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`lora_state_dict`'s keys back to peft's for `module` (what `set_peft_model_state_dict` takes)."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    if _flat_clip(module):
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    if any(".lora_linear_layer." in k for k in state):  # a text encoder's projections (diffusers' names)
+        return convert_state_dict_to_peft(state)
+    return convert_unet_state_dict_to_peft(state)
 
 
 def save_lora(modules: dict[str, torch.nn.Module], out_dir: Path, metadata: dict[str, str] | None = None) -> Path:

@@ -30,15 +30,23 @@ def run_length(cfg: Config, per_process_batches: int) -> RunLength:
     return RunLength(max_train_steps, math.ceil(max_train_steps / steps_per_epoch), steps_per_epoch)
 
 
-def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], num_processes: int,
-                    fused_by_default: bool) -> torch.optim.Optimizer:
-    """The optimizer over the LoRA parameters. `optimizer.fused=null` takes the device's default
-    (`fused_by_default`, devices.Capabilities.fused_optimizer)."""
+def param_groups(cfg: Config, params: dict[str, list[torch.nn.Parameter]], scale: float = 1.0) -> list[dict]:
+    """One parameter group per trained module (`params` under the LoRA file's prefixes): the U-Net's at
+    optimizer.lr, the text encoders' at optimizer.text_encoder_lr (null: optimizer.lr), each times `scale`."""
     o = cfg.optimizer
-    lr = o.lr * (global_batch_size(cfg, num_processes) if o.scale_lr else 1)
+    return [{"params": group, "lr": (o.lr if prefix == "unet" else o.text_encoder_lr or o.lr) * scale}
+            for prefix, group in params.items()]
+
+
+def build_optimizer(cfg: Config, params: dict[str, list[torch.nn.Parameter]], num_processes: int,
+                    fused_by_default: bool) -> torch.optim.Optimizer:
+    """The optimizer over the LoRA parameters (see param_groups). `optimizer.fused=null` takes the device's
+    default (`fused_by_default`, devices.Capabilities.fused_optimizer)."""
+    o = cfg.optimizer
+    scale = global_batch_size(cfg, num_processes) if o.scale_lr else 1
     fused = fused_by_default if o.fused is None else o.fused
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
-                             **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(param_groups(cfg, params, scale), lr=o.lr * scale, betas=tuple(o.betas),
+                             weight_decay=o.weight_decay, eps=o.eps, **({"fused": True} if fused else {}))
 
 
 def build_lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, max_train_steps: int, num_processes: int):

@@ -144,6 +144,9 @@ def set_module_switches(cfg: Config, comps: Components) -> None:
     """Switches on the LoRA U-Net (after injection) and the VAE: gradient checkpointing, channels_last."""
     if cfg.trainer.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
+        if comps.text_trained:  # non-reentrant: the reentrant kind drops the LoRA's gradients when inputs need none
+            for text_encoder in comps.text_encoders:
+                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.trainer.channels_last:  # the VAE too: it encodes every step without the cache, and builds the cache
         for module in (comps.unet, comps.vae):
             module.to(memory_format=torch.channels_last)

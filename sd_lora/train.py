@@ -38,7 +38,7 @@ from sd_lora.families import Components, ModelFamily, family_of
 from sd_lora.guard import NonFiniteGuard
 from sd_lora.loop import Training, run_loop
 from sd_lora.loss import StepModels
-from sd_lora.model import add_lora, load_components, save_lora, weight_dtype_of
+from sd_lora.model import add_lora, add_text_lora, load_components, lora_off, save_lora, weight_dtype_of
 from sd_lora.optim import build_lr_scheduler, build_optimizer, run_length
 from sd_lora.preflight import Checked, checks_before_work
 from sd_lora.report import build_report, config_dict, config_json, tensorboard_hparams, write_report
@@ -83,8 +83,11 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
     optimizer = build_optimizer(cfg, lora_params, accelerator.num_processes,
                                 fused_by_default=checked.backend.capabilities().fused_optimizer)
     lr_scheduler = build_lr_scheduler(cfg, optimizer, length.max_train_steps, accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(comps.unet, optimizer, lr_scheduler)
-    register_checkpoint_hooks(accelerator, unet)
+    trained = family.lora_modules(comps.unet, comps.text_encoders if comps.text_trained else ())
+    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    trained = dict(zip(trained, prepared))
+    register_checkpoint_hooks(accelerator, trained)
+    unet = trained["unet"]
 
     state = resume(accelerator, cfg, resume_path, length.steps_per_epoch) if resume_path else RunState()
     state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir)
@@ -96,12 +99,13 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
                  checked.model_path, checked.backend.name, cfg.precision.mixed_precision.value,
                  accelerator.num_processes, len(dataset), length.num_epochs, length.max_train_steps, run_dir)
 
-    models = StepModels(unet, comps.vae, comps.text_encoders, comps.noise_scheduler, dtype, family)
+    text_encoders = tuple(trained[p] for p in family.text_prefixes) if comps.text_trained else comps.text_encoders
+    models = StepModels(unet, comps.vae, text_encoders, comps.noise_scheduler, dtype, family, comps.text_trained)
     render = None
     if accelerator.is_main_process and cfg.trainer.validation_prompts and cfg.trainer.num_validation_images > 0:
         render = functools.partial(render_validation_images, cfg, accelerator, family, comps, unet, checked.model_path,
                                    run_dir, dtype)
-    tr = Training(cfg, accelerator, models, lora_params, optimizer, lr_scheduler, dataloader, shuffle, state,
+    tr = Training(cfg, accelerator, models, [p for group in lora_params.values() for p in group], optimizer, lr_scheduler, dataloader, shuffle, state,
                   Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render)
     run_timed(tr, checked.backend)
     return finish(tr, checked, family, speed, t0)
@@ -133,18 +137,25 @@ def seed_everything(cfg: Config, backend: Backend) -> None:
 
 
 def build_models(cfg: Config, model_path: Path, accelerator, speed: SpeedPlan,
-                 dtype: torch.dtype) -> tuple[Components, list[torch.nn.Parameter]]:
-    """The frozen parts on the device, the LoRA U-Net, the module switches; the LoRA parameters (fp32)."""
+                 dtype: torch.dtype) -> tuple[Components, dict[str, list[torch.nn.Parameter]]]:
+    """The frozen parts on the device, the LoRA U-Net (and text encoders), the module switches; the LoRA
+    parameters (fp32) under the LoRA file's prefixes."""
     comps = load_components(cfg.model, model_path, dtype=dtype)
     comps.unet.to(accelerator.device)
     comps.move_frozen(accelerator.device)
     compile_encoders(cfg, comps, speed)
-    lora_params = add_lora(comps.unet, cfg.model.attention, cfg.model.lora)
-    if cfg.model.lora.init_from:
+    family, lora = family_of(cfg.model), cfg.model.lora
+    lora_params = {"unet": add_lora(comps.unet, cfg.model.attention, lora)}
+    if lora.train_text_encoder:
+        for prefix, text_encoder in zip(family.text_prefixes, comps.text_encoders):
+            lora_params[prefix] = add_text_lora((text_encoder,), lora)
+        comps.text_trained = True
+    trained = family.lora_modules(comps.unet, comps.text_encoders if comps.text_trained else ())
+    if lora.init_from:
         from sd_lora.export import init_lora_from
 
-        init_lora_from(family_of(cfg.model).lora_modules(comps.unet), cfg.model.lora, Path(cfg.model.lora.init_from))
-        log.info("model.lora.init_from: the LoRA starts from %s", cfg.model.lora.init_from)
+        init_lora_from(trained, lora, Path(lora.init_from))
+        log.info("model.lora.init_from: the LoRA starts from %s", lora.init_from)
     set_module_switches(cfg, comps)
     return comps, lora_params
 
@@ -156,10 +167,20 @@ def build_data(cfg: Config, accelerator, family: ModelFamily, comps: Components,
         from sd_lora.cache import CachedEmbeddings, load_or_build_cache
 
         encode = functools.partial(family.encode_captions, comps, device=accelerator.device)
-        with accelerator.main_process_first():  # the main process builds, the others then read its file
+        with accelerator.main_process_first(), lora_off(*comps.text_encoders):  # the base model's embeddings:
+            # the cache is shared by runs; a run whose text encoders train encodes its captions live (below)
             tensors = load_or_build_cache(cfg, checked.model_path, comps, checked.table, encode, accelerator.device,
                                         dtype)
         comps.move_frozen("cpu")  # not needed by the training step any more; validation brings them back
+        if comps.text_trained:
+            from sd_lora.cache import with_live_text
+
+            tensors = with_live_text(tensors, family.condition_keys, functools.partial(family.tokenize, comps.tokenizers),
+                                     checked.table, cfg.dataset.caption_column)
+            if accelerator.is_main_process:
+                log.info("dataset.cache=true with model.lora.train_text_encoder=true: the cached latents are used; the "
+                         "captions are encoded at every step by the text encoder being trained (cached text "
+                         "embeddings would be stale)")
         dataset = CachedEmbeddings(tensors, cfg.dataset.random_flip)
     else:
         dataset = CaptionedImages(checked.table, cfg.dataset, functools.partial(family.tokenize, comps.tokenizers))
@@ -225,8 +246,8 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
     accelerator.wait_for_everyone()
     report = None
     if accelerator.is_main_process:
-        base = accelerator.unwrap_model(tr.models.unet, keep_torch_compile=False)
-        lora_file = save_lora(family.lora_modules(base), run_dir / "lora",
+        base, *text_encoders = (accelerator.unwrap_model(m, keep_torch_compile=False) for m in tr.models.trained)
+        lora_file = save_lora(family.lora_modules(base, tuple(text_encoders)), run_dir / "lora",
                               metadata={"sd_lora_config": config_json(tr.cfg)})
         export_lora(tr, base, lora_file, len(checked.table))
         report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,

@@ -578,3 +578,43 @@ def test_flipped_views_and_loss_match_the_uncached_transform(comps, shapes_table
         losses = [train_step(models, batch, 0.0, None, sample_generators(batch["index"], 7, 1, "cpu"))
                   for batch in (cached, plain)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_trained_text_encoder_bypasses_the_cached_text_and_gets_gradients(tiny_model_path, shapes_table, tokenize):
+    """model.lora.train_text_encoder with dataset.cache: the cached latents are used, the captions are encoded at
+    each step by the text encoder being trained (with gradients), the cache file keeps the base model's embeddings."""
+    from sd_lora.cache import with_live_text
+    from sd_lora.config import LoraSettings
+    from sd_lora.model import add_text_lora, lora_off
+
+    cfg = shapes_cfg(random_flip=False)
+    parts = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)), tiny_model_path)
+    (text_encoder,) = parts.text_encoders
+    base_cache = compute_embeddings(shapes_table, cfg, encoder(parts), parts.vae, "cpu", torch.float32)
+    params = add_text_lora(parts.text_encoders, LoraSettings(rank=4, train_text_encoder=True))
+    parts.text_trained = True
+    with torch.no_grad():
+        for p in params:  # as if trained a while: B is no longer zero
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    with lora_off(text_encoder):  # what the trainer builds the shared cache under
+        tensors = compute_embeddings(shapes_table, cfg, encoder(parts), parts.vae, "cpu", torch.float32)
+    torch.testing.assert_close(tensors["encoder_hidden_states"], base_cache["encoder_hidden_states"])
+    live = with_live_text(tensors, FAMILY.condition_keys, tokenize, shapes_table, "text")
+    assert "encoder_hidden_states" not in live and live["input_ids"].dtype == torch.int64
+
+    models = StepModels(parts.unet, parts.vae, parts.text_encoders, parts.noise_scheduler, torch.float32, FAMILY,
+                        text_trained=True)
+    indices = [4, 1, 3]
+    cached = collate([CachedEmbeddings(live, random_flip=False)[i] for i in indices])
+    plain = collate([CaptionedImages(shapes_table, cfg, tokenize)[i] for i in indices])
+    stale = collate([CachedEmbeddings(tensors, random_flip=False)[i] for i in indices])
+
+    def loss(batch):
+        return train_step(models, batch, 0.0, None, sample_generators(batch["index"], 7, 0, "cpu"))
+
+    with_cache = loss(cached)
+    with_cache.backward()
+    assert all(p.grad is not None for p in params) and any(p.grad.abs().sum() > 0 for p in params)
+    with torch.no_grad():
+        torch.testing.assert_close(with_cache, loss(plain), rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(loss(stale), with_cache, rtol=1e-3)  # the cached embeddings would be stale

@@ -386,12 +386,12 @@ def test_held_out_rows_encoded_in_batches_match_one_at_a_time(tiny_parts):
     single = held_out_set(table, tiny_parts, batch_size=1, on_bad_image=OnFailure.skip)
     assert batched.num_samples == single.num_samples == 6
     torch.testing.assert_close(batched.latents, single.latents, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(batched.conditioning["encoder_hidden_states"], single.conditioning["encoder_hidden_states"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.text["encoder_hidden_states"], single.text["encoder_hidden_states"], rtol=1e-4, atol=1e-5)
     assert torch.equal(batched.timesteps, single.timesteps) and torch.equal(batched.noise, single.noise)
     # row order: the 4th sample (table row 4, after the skipped row 2) is row 4's image and caption
     alone = held_out_set(table.select([4]), tiny_parts)
     torch.testing.assert_close(batched.latents[3 * 2], alone.latents[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(batched.conditioning["encoder_hidden_states"][3 * 2], alone.conditioning["encoder_hidden_states"][0],
+    torch.testing.assert_close(batched.text["encoder_hidden_states"][3 * 2], alone.text["encoder_hidden_states"][0],
                                rtol=1e-4, atol=1e-5)
 
 
@@ -402,7 +402,7 @@ def test_held_out_bad_images_follow_on_bad_image(tiny_parts, caplog):
     assert kept.num_samples == 2 and "left out of the validation loss" in caplog.text
     without = held_out_set(table.select([0, 2]), tiny_parts)  # the same as holding out only the good rows
     assert torch.equal(kept.latents, without.latents)
-    assert torch.equal(kept.conditioning["encoder_hidden_states"], without.conditioning["encoder_hidden_states"])
+    assert torch.equal(kept.text["encoder_hidden_states"], without.text["encoder_hidden_states"])
     with pytest.raises(UserError, match=r"held-out data set row 1 \(file 1.png\): the image cannot be decoded"):
         held_out_set(table, tiny_parts)  # on_bad_image=error, the default
     with pytest.raises(UserError, match="none of the 2 held-out images can be decoded"):
@@ -414,7 +414,7 @@ def test_held_out_captions_use_the_first_and_are_checked(tiny_parts, tmp_path):
 
     several = held_out_set(table_of([["a red square", "ignored"]]), tiny_parts)
     one = held_out_set(table_of(["a red square"]), tiny_parts)
-    assert torch.equal(several.conditioning["encoder_hidden_states"], one.conditioning["encoder_hidden_states"])  # fixed, not a random pick
+    assert torch.equal(several.text["encoder_hidden_states"], one.text["encoder_hidden_states"])  # fixed, not a random pick
     with pytest.raises(UserError, match=r"held-out data set row 0: caption column 'text' holds \['int', 'int'\], no text"):
         held_out_set(datasets.Dataset.from_dict({"image": table_of(["x"])["image"], "text": [[1, 2]]}), tiny_parts)
     # a half split with validation_seed 0 trains on rows 1 and 3 and holds out rows 0 and 2 (datasets' seeded shuffle)
@@ -447,3 +447,37 @@ def test_a_finished_run_is_known_by_its_length_and_its_written_outputs(tmp_path)
                                    dataset=DatasetConfig(path="d", drop_last=True)), ckpt, fingerprint)
     assert finished_run(Config(trainer=TrainerConfig(max_train_steps=4)), ckpt, fingerprint)
     assert not finished_run(Config(trainer=TrainerConfig(max_train_steps=5)), ckpt, fingerprint)
+
+
+def test_held_out_captions_are_encoded_by_the_text_encoder_as_it_is_when_it_trains(tiny_model_path):
+    """model.lora.train_text_encoder: the validation loss encodes the held-out captions with the text encoder's
+    LoRA as it is at each evaluation, not as it was when the validation set was built."""
+    from sd_lora.config import LoraSettings, ModelConfig
+    from sd_lora.evaluation import build_validation_set, validation_loss
+    from sd_lora.families import FAMILIES
+    from sd_lora.model import add_text_lora, load_components
+
+    family = FAMILIES[ModelFamilyName.sd]
+    parts = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)), tiny_model_path)
+    params = add_text_lora(parts.text_encoders, LoraSettings(rank=4, train_text_encoder=True))
+    table = table_of([f"caption {i}" for i in range(3)])
+
+    def held_out(encode):
+        return build_validation_set(table, DatasetConfig(path="d", resolution=16), encode, parts.vae,
+                                    parts.noise_scheduler, "cpu", torch.float32, num_timesteps=2, seed=0)
+
+    tokens = held_out(lambda captions: family.tokenize(parts.tokenizers, captions))
+    assert tokens.text["input_ids"].dtype == torch.int64  # kept as tokens, not cast to float
+
+    def losses():
+        embedded = held_out(functools.partial(family.encode_captions, parts, device="cpu"))  # encoded now
+        return [validation_loss(parts.unet, family, parts.noise_scheduler, vset, torch.float32,
+                                text_encoders=parts.text_encoders) for vset in (tokens, embedded)]
+
+    before = losses()
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    after = losses()
+    assert before[0] == pytest.approx(before[1], rel=1e-5) and after[0] == pytest.approx(after[1], rel=1e-5)
+    assert after[0] != pytest.approx(before[0], rel=1e-3)  # the tokens were encoded anew, with the changed LoRA

@@ -30,6 +30,7 @@ TRAIN = [
     "optimizer.lr=1e-2",
     "model.lora.rank=4",
     "model.lora.alpha=8",
+    "model.lora.train_text_encoder=true",  # the text encoder's LoRA: rank 4, alpha 8 too (its keys' defaults)
 ]
 
 
@@ -110,9 +111,9 @@ def test_lora_weights_moved_and_carry_the_config(run_dir):
 
     path = run_dir / "lora" / "pytorch_lora_weights.safetensors"
     weights = load_file(path)
-    b = [v for k, v in weights.items() if k.endswith(".lora.up.weight")]
-    assert b and all(k.startswith("unet.") for k in weights)
-    assert all(v.abs().sum() > 0 for v in b)  # B starts at zero: non-zero means training moved it
+    b = {k: v for k, v in weights.items() if k.endswith((".lora.up.weight", ".lora_linear_layer.up.weight"))}
+    assert {k.split(".")[0] for k in weights} == {k.split(".")[0] for k in b} == {"unet", "text_encoder"}
+    assert all(v.abs().sum() > 0 for v in b.values())  # B starts at zero: non-zero means training moved it
     meta = read_lora_metadata(path)
     assert meta["sd_lora_config"]["optimizer"]["lr"] == pytest.approx(1e-2)
     assert meta["sd_lora_config"]["model"]["lora"]["alpha"] == 8
@@ -158,19 +159,24 @@ def test_saved_lora_loads_into_diffusers_and_changes_the_image(run_dir, tiny_mod
 
     base = image()
     pipe.load_lora_weights(str(run_dir / "lora"), weight_name="pytorch_lora_weights.safetensors")
-    config = pipe.unet.peft_config["default_0"]
-    assert config.r == 4 and config.lora_alpha == 8  # alpha != rank survives the round trip
-    loaded = pipe.unet.state_dict()
+    for part in (pipe.unet, pipe.text_encoder):
+        config = part.peft_config["default_0"]
+        assert config.r == 4 and config.lora_alpha == 8  # alpha != rank survives the round trip
+    loaded = {**{f"unet.{k}": v for k, v in pipe.unet.state_dict().items()},
+              **{f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()}}
     saved = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
-    for key, value in saved.items():  # diffusers layout: unet.<module>.lora.{down,up}.weight
-        module, _, kind = key.removeprefix("unet.").rpartition(".lora.")
-        peft_key = f"{module}.lora_{'A' if kind.startswith('down') else 'B'}.default_0.weight"
+    text_model = "text_encoder." if hasattr(pipe.text_encoder, "text_model") else "text_encoder.text_model."
+    for key, value in saved.items():  # unet.<module>.lora.{down,up}.weight, text_encoder.<module>.lora_linear_layer...
+        module, kind = re.match(r"(.+)\.lora(?:_linear_layer)?\.(down|up)\.weight$", key).groups()
+        module = module.replace(text_model, "text_encoder.")  # transformers 5's CLIP has no text_model level
+        peft_key = f"{module}.lora_{'A' if kind == 'down' else 'B'}.default_0.weight"
         assert torch.equal(loaded[peft_key], value), key
     with_lora = image()
     assert abs(with_lora - base).max() > 1e-3
 
 
-KOHYA_KEY = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_[a-z0-9_]+_(to_q|to_k|to_v|to_out_0)"
+KOHYA_KEY = re.compile(r"^(lora_unet_(down_blocks|mid_block|up_blocks)_[a-z0-9_]+_(to_q|to_k|to_v|to_out_0)"
+                       r"|lora_te_text_model_encoder_layers_\d+_self_attn_(q|k|v|out)_proj)"
                        r"\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 
@@ -180,6 +186,12 @@ def unet_output(unet, seed: int = 0):
     latents, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
         return unet(latents, torch.tensor([500]), text).sample
+
+
+def text_output(text_encoder):
+    """The text encoder's last hidden states for fixed tokens."""
+    with torch.no_grad():
+        return text_encoder(torch.arange(3, 20)[None], return_dict=False)[0]
 
 
 def test_the_kohya_file_holds_every_module_with_its_real_alpha_and_loads_like_the_diffusers_file(run_dir,
@@ -196,20 +208,22 @@ def test_the_kohya_file_holds_every_module_with_its_real_alpha_and_loads_like_th
     assert keys and all(KOHYA_KEY.match(k) for k in keys), [k for k in keys if not KOHYA_KEY.match(k)][:3]
     modules = {k.split(".", 1)[0] for k in keys}
     assert len(keys) == 3 * len(modules) and alphas == {8.0}
+    assert {m.split("_")[1] for m in modules} == {"unet", "te"}
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"]) == ("4", "8.0", "6")
     assert meta["ss_resolution"] == "(64, 64)" and meta["ss_output_name"] == "quick"
 
     def loaded(folder, name):
         pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
                                                        requires_safety_checker=False, local_files_only=True)
-        base = unet_output(pipe.unet)
+        base = unet_output(pipe.unet), text_output(pipe.text_encoder)
         pipe.load_lora_weights(str(folder), weight_name=name)
-        return base, unet_output(pipe.unet)
+        return base, (unet_output(pipe.unet), text_output(pipe.text_encoder))
 
     base, from_diffusers = loaded(run_dir / "lora", "pytorch_lora_weights.safetensors")
     _, from_kohya = loaded(run_dir / "lora", "quick.safetensors")
-    assert (from_diffusers - base).abs().max() > 1e-4  # the LoRA changes the output
-    torch.testing.assert_close(from_kohya, from_diffusers, atol=1e-5, rtol=0)
+    for before, after, kohya in zip(base, from_diffusers, from_kohya):  # the U-Net, then the text encoder
+        assert (after - before).abs().max() > 1e-4  # the LoRA changes the output
+        torch.testing.assert_close(kohya, after, atol=1e-5, rtol=0)
 
 
 def test_export_converts_either_way_without_losing_alpha(run_dir, tmp_path):
@@ -229,7 +243,8 @@ def test_export_converts_either_way_without_losing_alpha(run_dir, tmp_path):
     from sd_lora.model import read_lora_metadata
 
     adapter = read_lora_metadata(there)["lora_adapter_metadata"]
-    assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (4, 8.0)  # alpha kept, not set to the rank
+    for prefix in ("unet", "text_encoder"):  # alpha kept, not set to the rank
+        assert (adapter[f"{prefix}.r"], adapter[f"{prefix}.lora_alpha"]) == (4, 8.0)
     half = tmp_path / "half.safetensors"
     assert run_launch(str(run_dir), "--to", "kohya", "--out", str(half), "--dtype", "fp16",
                       module="sd_lora.export").returncode == 0
@@ -237,35 +252,44 @@ def test_export_converts_either_way_without_losing_alpha(run_dir, tmp_path):
 
 
 def test_init_from_starts_where_the_other_run_ended_and_refuses_what_does_not_fit(run_dir, tiny_model_path):
-    """A LoRA exported from run A (its kohya file) as model.lora.init_from of run B: B's U-Net before its first
-    step gives A's final output."""
+    """A LoRA exported from run A (its kohya file) as model.lora.init_from of run B: B's U-Net and text encoder
+    before its first step give A's final outputs."""
     from diffusers import StableDiffusionPipeline
 
     from sd_lora.config import Attention, LoraSettings, ModelConfig
     from sd_lora.errors import UserError
     from sd_lora.export import init_lora_from
-    from sd_lora.model import add_lora, load_components
+    from sd_lora.model import add_lora, add_text_lora, load_components
 
     kohya = run_dir / "lora" / "quick.safetensors"
     cfg = ModelConfig(pretrained_model_name_or_path=str(tiny_model_path))
 
-    def started(**lora):
+    def started(text: bool = True, **lora):
         comps = load_components(cfg, tiny_model_path)
-        settings = LoraSettings(**{"rank": 4, "alpha": 8, **lora})
+        settings = LoraSettings(**{"rank": 4, "alpha": 8, "train_text_encoder": text, **lora})
         add_lora(comps.unet, Attention.sdp, settings)
-        init_lora_from({"unet": comps.unet}, settings, kohya)
-        return unet_output(comps.unet)
+        modules = {"unet": comps.unet}
+        if text:
+            add_text_lora(comps.text_encoders, settings)
+            modules["text_encoder"] = comps.text_encoders[0]
+        init_lora_from(modules, settings, kohya)
+        return unet_output(comps.unet), text_output(comps.text_encoders[0])
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.load_lora_weights(str(run_dir / "lora"), weight_name="pytorch_lora_weights.safetensors")
-    torch.testing.assert_close(started(), unet_output(pipe.unet), atol=1e-5, rtol=0)
-    with pytest.raises(UserError, match=r"has rank \[4\], model.lora.rank=2: set model.lora.rank=4"):
-        started(rank=2)
-    with pytest.raises(UserError, match=r"trained with alpha 8.0, model.lora.alpha=4.0"):
-        started(alpha=4)
+    for mine, theirs in zip(started(), (unet_output(pipe.unet), text_output(pipe.text_encoder))):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match=r"has rank \[4\] \(unet\), model.lora.rank=2: set model.lora.rank=4"):
+        started(rank=2, text_encoder_rank=4)
+    with pytest.raises(UserError, match=r"has rank \[4\] \(text_encoder\), model.lora.text_encoder_rank=2"):
+        started(text_encoder_rank=2)
+    with pytest.raises(UserError, match=r"trained with alpha 8.0 \(unet\), model.lora.alpha=4.0"):
+        started(alpha=4, text_encoder_alpha=8)
     with pytest.raises(UserError, match=r"does not fit this model's LoRA \(unet\): .*unknown, e.g. .*to_k"):
         started(target_modules=["to_q"])
+    with pytest.raises(UserError, match=r"holds a LoRA for text_encoder as well.*train_text_encoder=true"):
+        started(text=False)  # half a LoRA is not taken silently
 
 
 def test_a_run_starts_from_another_runs_lora(run_dir, tmp_path):
@@ -331,15 +355,21 @@ def test_generate_without_its_keys_prints_one_usage_line(tmp_path):
     assert result.stderr.startswith("error: run_dir and prompt missing; usage: python -m sd_lora.generate run_dir=")
 
 
-def test_resume_continues_from_the_latest_checkpoint(run_dir, tmp_path):
+def test_resume_from_a_middle_checkpoint_ends_bit_identical_text_encoder_included(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed)
-    result = run_launch(*TRAIN, "trainer.max_train_steps=8", "trainer.resume_from_checkpoint=latest",
+    result = run_launch(*TRAIN, f"trainer.resume_from_checkpoint={resumed / 'checkpoints' / 'checkpoint-3'}",
                         "trainer.validation_prompts=[]", f"hydra.run.dir={resumed}")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "resumed from" in result.stdout + result.stderr and "checkpoint-6" in result.stdout + result.stderr
-    report = json.loads((resumed / "report.json").read_text())
-    assert report["global_step"] == 8
+    assert "resumed from" in result.stdout + result.stderr and "checkpoint-3" in result.stdout + result.stderr
+    assert json.loads((resumed / "report.json").read_text())["global_step"] == 6
+    name = "lora/pytorch_lora_weights.safetensors"
+    straight, again = load_file(run_dir / name), load_file(resumed / name)
+    assert straight.keys() == again.keys() and any(k.startswith("text_encoder.") for k in straight)
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
 
 
 def test_resuming_a_finished_run_leaves_it_as_it_was(run_dir, tmp_path):

@@ -137,6 +137,6 @@ def test_the_trainer_reaches_the_model_through_its_family(tiny_model_path, tmp_p
                       if line.startswith("CALLS "))
     for calls in (images, cached):
         assert calls["steps"] == 2
-        assert calls["predict"] == 2 and calls["pipeline"] == 1 and calls["lora_modules"] == 1
+        assert calls["predict"] == 2 and calls["pipeline"] == 1 and calls["lora_modules"] >= 1
     assert cached["encode"] == 1 and cached["tokenize"] == 1  # captions encoded once, for the cache; steps read it
     assert images["encode"] >= 2 and images["tokenize"] >= 4  # each sample tokenized, each step's batch encoded

@@ -128,3 +128,21 @@ def test_gradient_clipping_clips_the_lora_parameters(tiny_model_path):
     scale = 1.0 / norm_before
     for p, g in zip(params, before):  # same direction, scaled down
         torch.testing.assert_close(p.grad, g * scale, rtol=1e-3, atol=1e-8)
+
+
+def test_the_text_encoder_lora_trains_at_its_own_learning_rate_scaled_like_the_u_nets():
+    from sd_lora.config import Config, DatasetConfig, ModelConfig, OptimizerConfig, TrainerConfig
+    from sd_lora.optim import build_lr_scheduler, build_optimizer
+
+    unet, text = [torch.nn.Parameter(torch.zeros(2))], [torch.nn.Parameter(torch.zeros(2))]
+
+    def lrs(**optimizer):
+        cfg = Config(model=ModelConfig(pretrained_model_name_or_path="m"), dataset=DatasetConfig(path="d"),
+                     optimizer=OptimizerConfig(lr=1e-4, **optimizer), trainer=TrainerConfig(train_batch_size=2))
+        opt = build_optimizer(cfg, {"unet": unet, "text_encoder": text}, num_processes=2, fused_by_default=False)
+        build_lr_scheduler(cfg, opt, 10, 2)
+        return [group["lr"] for group in opt.param_groups]
+
+    assert lrs() == [1e-4, 1e-4]  # null: the U-Net's
+    assert lrs(text_encoder_lr=5e-5) == [1e-4, 5e-5]
+    assert lrs(text_encoder_lr=5e-5, scale_lr=True) == pytest.approx([4e-4, 2e-4])  # batch 2 x 2 processes

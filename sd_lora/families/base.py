@@ -28,13 +28,14 @@ class Components:
     noise_scheduler: object
     tokenizers: tuple  # one per text encoder, in the pipeline's order
     text_encoders: tuple  # torch modules, in the pipeline's order
+    text_trained: bool = False  # the text encoders carry a LoRA that trains (model.lora.train_text_encoder)
 
     def frozen_modules(self) -> tuple[torch.nn.Module, ...]:
-        """The modules that run beside the U-Net: the VAE and the text encoders."""
-        return (self.vae, *self.text_encoders)
+        """The modules that run beside the U-Net and do not train: the VAE, and the text encoders unless they do."""
+        return (self.vae,) if self.text_trained else (self.vae, *self.text_encoders)
 
     def move_frozen(self, device) -> None:
-        """The VAE and text encoders to `device` (off the accelerator while only cached embeddings are used)."""
+        """The frozen modules to `device` (off the accelerator while only cached embeddings are used)."""
         for module in self.frozen_modules():
             module.to(device)
 
@@ -44,6 +45,7 @@ class ModelFamily(ABC):
     folders: tuple[str, ...]  # component folders of a diffusers pipeline folder of this family
     text_folders: tuple[str, ...]  # the folders the text side is read from (they key the embedding cache)
     condition_keys: tuple[str, ...]  # the tensors `encode` returns: what the embedding cache keeps per caption
+    text_prefixes: tuple[str, ...]  # the LoRA file's key prefix of each text encoder, in the pipeline's order
 
     @abstractmethod
     def load(self, cfg: ModelConfig, path: Path, dtype: torch.dtype) -> Components:
@@ -68,10 +70,10 @@ class ModelFamily(ABC):
         """The diffusers pipeline that renders images (and loads a LoRA file) for this family: built from the
         loaded `components` (with `unet` in place of theirs) during training, or read from `path` alone."""
 
-    def lora_modules(self, unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    def lora_modules(self, unet: torch.nn.Module, text_encoders: tuple = ()) -> dict[str, torch.nn.Module]:
         """The trained modules under the prefixes the LoRA file uses (diffusers names them after the pipeline's
-        attributes)."""
-        return {"unet": unet}
+        attributes): the U-Net, and the text encoders when they train (`text_encoders` given)."""
+        return {"unet": unet, **dict(zip(self.text_prefixes, text_encoders))}
 
     def cache_identity(self, components: Components) -> dict:
         """What the cached text embeddings depend on besides the weight files: the encoders' and tokenizers' configs."""
@@ -85,11 +87,13 @@ class ModelFamily(ABC):
         tokens = self.tokenize(components.tokenizers, captions)
         return self.encode(components.text_encoders, {k: v.to(device) for k, v in tokens.items()})
 
-    def conditioning(self, text_encoders: tuple, batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """A batch's conditioning: from the embedding cache when the batch carries it, else encoded now."""
+    def conditioning(self, text_encoders: tuple, batch: dict, dtype: torch.dtype,
+                     grad: bool = False) -> dict[str, torch.Tensor]:
+        """A batch's conditioning: from the embedding cache when the batch carries it, else encoded now (with
+        gradients when `grad`: the text encoders train)."""
         if all(key in batch for key in self.condition_keys):
             found = {key: batch[key] for key in self.condition_keys}
         else:
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 found = self.encode(text_encoders, batch)
         return {key: value.to(dtype) for key, value in found.items()}

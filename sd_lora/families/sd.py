@@ -17,6 +17,7 @@ class StableDiffusion(ModelFamily):
     folders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     text_folders = ("text_encoder", "tokenizer")
     condition_keys = ("encoder_hidden_states",)
+    text_prefixes = ("text_encoder",)
 
     def load(self, cfg: ModelConfig, path: Path, dtype: torch.dtype) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
