@@ -58,6 +58,9 @@ VARIANTS = {
     "throughput_autotune": ["perf=throughput", "trainer.kernel_autotune=true"],
     "throughput_gc": ["perf=throughput", "trainer.gc_every_n_steps=50"],
     "eager": ["perf=none"],  # the framework with no levers at all
+    # model.lora.train_text_encoder: the text encoder's LoRA trains too (its forward and backward every step)
+    "throughput_te": ["perf=throughput", "model.lora.train_text_encoder=true"],
+    "memory_te": ["perf=memory", "model.lora.train_text_encoder=true"],
     # profiled: 5 steps after skip under torch.profiler; its operator table and busy-time summary go to --out.
     # Its step times hold the profiler's cost: read the speed from the unprofiled rows
     "throughput_profile": ["perf=throughput", "trainer.profile_steps=5"],
