@@ -25,20 +25,12 @@ log = logging.getLogger(__name__)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
 
 
-def check_cuda_graphs(t: TrainerConfig, backend_name: str, text_trained: bool = False) -> None:
+def check_cuda_graphs(t: TrainerConfig, backend_name: str) -> None:
     """CUDA graphs (torch.compile's reduce-overhead and max-autotune modes) hand the compiled backward's
     output buffers to the parameters as their .grad; the next micro-batch's replay overwrites them before
     autograd adds its gradient, so accumulated LoRA gradients come out wrong (pytorch/pytorch#169545, and a
     reproduction in #96693: 4 accumulated micro-batches give 1/4 of the gradient). One micro-batch per
-    optimizer step is safe: the gradients are used and set to None before the next replay.
-
-    With a trained text encoder accelerate compiles it as well, and the two graphed modules, the text encoder's
-    output feeding the U-Net with gradients flowing back, crashed the process at its first step (SIGSEGV, one
-    H200, torch 2.11.0+cu130, `bench/train_speed.py --variants throughput_te`, 2026-12-01)."""
-    if backend_name == "cuda" and t.compile and t.compile_mode in CUDA_GRAPH_MODES and text_trained:
-        raise UserError(f"trainer.compile_mode={t.compile_mode} records CUDA graphs, which crashed with "
-                        "model.lora.train_text_encoder=true (the text encoder is compiled too); set "
-                        "trainer.compile_mode=null (or max-autotune-no-cudagraphs), or train the U-Net's LoRA alone")
+    optimizer step is safe: the gradients are used and set to None before the next replay."""
     if backend_name == "cuda" and t.compile and t.compile_mode in CUDA_GRAPH_MODES \
             and t.gradient_accumulation_steps > 1:
         raise UserError(f"trainer.compile_mode={t.compile_mode} records CUDA graphs, which sum the LoRA gradients of "
@@ -52,20 +44,20 @@ def check_speed_switches(cfg: Config, backend: Backend) -> None:
     for key in ("compile", "compile_encoders"):
         if getattr(cfg.trainer, key) and not backend.capabilities().compile:
             raise UserError(f"trainer.{key}=true is not supported on device={backend.name}; set trainer.{key}=false")
-    check_cuda_graphs(cfg.trainer, backend.name, cfg.model.lora.train_text_encoder)
+    check_cuda_graphs(cfg.trainer, backend.name)
 
 
-def compile_mode_for(t: TrainerConfig, backend_name: str, cached: bool = True, text_trained: bool = False) -> str | None:
+def compile_mode_for(t: TrainerConfig, backend_name: str, cached: bool = True) -> str | None:
     """trainer.compile_mode as torch.compile gets it. `auto` (perf=throughput's) records CUDA graphs where
     they were measured to pay and no known torch issue makes them wrong: CUDA, one micro-batch per optimizer
     step, the embedding cache on. One process: 3.30x diffusers' loop on an H100 against 2.13x without graphs;
     2 and 4 processes of one H200 host: 0.98 and 0.95 of linear scaling, one run each (docs/performance.md;
     more GPUs and several machines not measured). Under gradient accumulation
-    (check_cuda_graphs), with a trained text encoder (check_cuda_graphs), without the cache (the VAE encoder's
-    graph beside the U-Net's, not measured) or on another device it is torch.compile's default mode."""
+    (check_cuda_graphs), without the cache (the VAE encoder's graph beside the U-Net's, not measured) or on
+    another device it is torch.compile's default mode."""
     if t.compile_mode != "auto":
         return t.compile_mode
-    if backend_name == "cuda" and t.gradient_accumulation_steps == 1 and cached and not text_trained:
+    if backend_name == "cuda" and t.gradient_accumulation_steps == 1 and cached:
         return "reduce-overhead"
     return None
 
@@ -94,11 +86,11 @@ class SpeedPlan:
 
 def plan_speed(cfg: Config, backend: Backend) -> SpeedPlan:
     t = cfg.trainer
-    mode = compile_mode_for(t, backend.name, cfg.dataset.cache, cfg.model.lora.train_text_encoder)
+    mode = compile_mode_for(t, backend.name, cfg.dataset.cache)
     if t.compile_mode == "auto" and (t.compile or t.compile_encoders):
         log.info("trainer.compile_mode=auto: %s", "reduce-overhead (CUDA graphs)" if mode else
-                 "torch.compile's default mode (CUDA graphs only on CUDA with dataset.cache=true, no gradient "
-                 "accumulation and no text-encoder LoRA)")
+                 "torch.compile's default mode (CUDA graphs only on CUDA with dataset.cache=true and no gradient "
+                 "accumulation)")
     return SpeedPlan(mode, {"compile_mode": mode if t.compile else None, "compile_encoders": False,
                             "kernel_autotune": False}, compiled_graphs())
 
