@@ -220,6 +220,21 @@ def test_cuda_graphs_with_gradient_accumulation_are_refused_on_cuda(mode):
         check_cuda_graphs(fine, "cuda")
 
 
+def test_compiling_a_trained_text_encoder_is_refused_before_any_work():
+    from sd_lora.config import Config, DatasetConfig, LoraSettings, ModelConfig
+    from sd_lora.devices import build_backend
+    from sd_lora.speed import check_speed_switches
+
+    lora = LoraSettings(train_text_encoder=True)
+    cfg = Config(model=ModelConfig(pretrained_model_name_or_path="m", lora=lora), dataset=DatasetConfig(path="d"),
+                 trainer=TrainerConfig(compile=True))
+    with pytest.raises(UserError, match=r"trainer.compile=true with model.lora.train_text_encoder=true.*"
+                                        r"set trainer.compile=false"):
+        check_speed_switches(cfg, build_backend("cpu"))
+    cfg.trainer.compile = False
+    check_speed_switches(cfg, build_backend("cpu"))
+
+
 def test_auto_compile_mode_records_cuda_graphs_only_where_they_were_measured_and_are_right():
     """perf=throughput's compile_mode=auto: CUDA graphs on CUDA with one micro-batch per step and the cache;
     torch.compile's default mode without the cache (not measured), under accumulation (wrong gradients,
