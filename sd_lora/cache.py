@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from sd_lora.config import Config, DatasetConfig, ModelConfig, OnFailure, cache_dir
-from sd_lora.data import _image_where, decode_or_skip, sample_key, train_transform
+from sd_lora.data import _image_where, decode_or_skip, resized_size, sample_key, train_transform
 from sd_lora.errors import UserError
 from sd_lora.families import Components, family_of
 from sd_lora.files import save_safetensors
@@ -42,6 +42,7 @@ def cache_key(model_cfg: ModelConfig, model_path: Path, comps: Components, table
         "model_path": str(Path(model_path).resolve()),
         "revision": model_cfg.revision,
         "variant": model_cfg.variant,
+        **({"vae_path": str(Path(model_cfg.vae_path).expanduser().resolve())} if model_cfg.vae_path else {}),
         "vae": dict(comps.vae.config),
         **family.cache_identity(comps),
         "weights": _files_fingerprint(Path(model_path), ("vae", *family.text_folders)),
@@ -85,6 +86,7 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
 
     views = 2 if cfg.random_flip else 1
     means, stds, texts, skipped = [], [], {}, []
+    sizes: dict[str, list[torch.Tensor]] = {"original_size": [], "crop_top_left": [], "target_size": []}
     for start in tqdm(range(0, len(table), batch_size), desc="caching latents and text embeddings"):
         rows = table[start:start + batch_size]
         images, captions = [], []
@@ -104,14 +106,22 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
             if not isinstance(caption, str):
                 raise UserError(f"dataset.cache=true needs one caption string per row; data set row {index} holds "
                                 f"{type(caption).__name__}; set dataset.cache=false")
-            pixels = train_transform(image, cfg.resolution, center_crop=True, random_flip=False)
+            geometry: dict = {}
+            pixels = train_transform(image, cfg.resolution, center_crop=True, random_flip=False, geometry=geometry)
             images.append(pixels)
+            crops = [geometry["crop_top_left"]]
             if views == 2:
                 images.append(torch.flip(pixels, dims=[2]))
+                top, left = geometry["crop_top_left"].tolist()  # the mirror image's crop, as train_transform's flip
+                width = resized_size(image.size, cfg.resolution)[0]
+                crops.append(torch.tensor((top, width - left - cfg.resolution)))
+            sizes["original_size"].append(geometry["original_size"])
+            sizes["crop_top_left"].append(torch.stack(crops))
+            sizes["target_size"].append(geometry["target_size"])
             captions.append(caption)
         if not captions:
             continue
-        pixel_values = torch.stack(images).to(device, dtype=dtype)
+        pixel_values = torch.stack(images).to(device, dtype=vae.dtype)  # SDXL keeps its VAE fp32
         posterior = vae.encode(pixel_values).latent_dist
         shape = (len(captions), views) + tuple(posterior.mean.shape[1:])
         means.append(posterior.mean.float().reshape(shape).cpu())
@@ -121,7 +131,8 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
     if not means:
         raise UserError(f"dataset.on_bad_image=skip: none of the {len(table)} images can be decoded; check dataset.path")
     tensors = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds),
-               **{key: torch.cat(parts) for key, parts in texts.items()}}
+               **{key: torch.cat(parts) for key, parts in texts.items()},
+               **{key: torch.stack(parts) for key, parts in sizes.items()}}  # crop_top_left: one per view
     if skipped:
         tensors["skipped_rows"] = torch.tensor(skipped, dtype=torch.int64)
     return tensors
@@ -162,12 +173,14 @@ def with_live_text(tensors: dict[str, torch.Tensor], condition_keys: tuple[str, 
 
 
 class CachedEmbeddings(torch.utils.data.Dataset):
-    """Cached rows -> {"latent_mean", "latent_std", the text conditioning}; a random view when flipping."""
+    """Cached rows -> {"latent_mean", "latent_std", the text conditioning, the sizes}; a random view when
+    flipping."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], random_flip: bool):
         self.mean, self.std = tensors["latent_mean"], tensors["latent_std"]
+        self.crops = tensors.get("crop_top_left")  # (rows, views, 2); absent from caches written before 2026-12-01
         self.text = {key: value for key, value in tensors.items()
-                     if key not in ("latent_mean", "latent_std", "skipped_rows")}
+                     if key not in ("latent_mean", "latent_std", "skipped_rows", "crop_top_left")}
         self.random_flip = random_flip
         self.skipped_rows = tensors["skipped_rows"].tolist() if "skipped_rows" in tensors else []
 
@@ -177,5 +190,8 @@ class CachedEmbeddings(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         generator, index = sample_key(key)
         view = 1 if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5 else 0
-        return {"latent_mean": self.mean[index, view], "latent_std": self.std[index, view],
+        item = {"latent_mean": self.mean[index, view], "latent_std": self.std[index, view],
                 **{name: value[index] for name, value in self.text.items()}, "index": index}
+        if self.crops is not None:
+            item["crop_top_left"] = self.crops[index, view]
+        return item

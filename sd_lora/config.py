@@ -45,6 +45,7 @@ class ModelFamilyName(Enum):
     """The model family (sd_lora/families/): what to load and how a caption conditions the U-Net."""
 
     sd = "sd"  # Stable Diffusion 1.x / 2.x: one CLIP text encoder (families/sd.py)
+    sdxl = "sdxl"  # Stable Diffusion XL: two CLIP text encoders, pooled embedding and size conditioning (families/sdxl.py)
 
 
 class PredictionType(Enum):
@@ -159,6 +160,7 @@ class ModelConfig:
     source_repo: Optional[str] = None  # hub id the folder is a copy of: named in the download hint
     revision: Optional[str] = None  # hub revision (hub ids only)
     variant: Optional[str] = None  # weight file variant, e.g. fp16
+    vae_path: Optional[str] = None  # another VAE (diffusers folder), e.g. SDXL's fp16-fixed one; null = the pipeline's (SDXL's kept fp32)
     prediction_type: Optional[PredictionType] = None  # null = the scheduler config's
     attention: Attention = Attention.sdp  # U-Net attention backend, kept through LoRA injection
     sdp_kernel: SdpKernel = SdpKernel.auto  # attention=sdp: the kernel tried first (torch.nn.attention.sdpa_kernel)
@@ -364,10 +366,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SD_LORA_CACHE") or Path.home() / ".cache" / "sd_lora")
 
 
-def _tiny_model_resolver() -> str:
+def _tiny_model_resolver(family: str = "sd") -> str:
     from sd_lora.demo import ensure_tiny_model  # imports torch: only when the tiny model is asked for
 
-    return str(ensure_tiny_model(cache_dir()))
+    return str(ensure_tiny_model(cache_dir(), family or "sd"))
 
 
 def _asset_resolver(name: str) -> str:
@@ -375,7 +377,7 @@ def _asset_resolver(name: str) -> str:
 
 
 def register_resolvers() -> None:
-    """`${sd_lora.tiny_model:}` builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled
+    """`${sd_lora.tiny_model:}` (`${sd_lora.tiny_model:sdxl}`) builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled
     file. (`${sd_lora.job_name:}`, a sweep job's folder name, is registered by sd_lora.sweep, which launch.py
     imports: the config sits below the sweep machinery and does not import it.)"""
     OmegaConf.register_new_resolver("sd_lora.tiny_model", _tiny_model_resolver, replace=True)

@@ -175,13 +175,16 @@ def decode_or_skip(cell, index: int, on_bad_image: OnFailure, skipped_means: str
 
 
 def train_transform(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Resize short side to `resolution`, crop to a square, maybe flip; CHW float in [-1, 1]."""
+                    generator: torch.Generator | None = None, geometry: dict | None = None) -> torch.Tensor:
+    """Resize short side to `resolution`, crop to a square, maybe flip; CHW float in [-1, 1].
+
+    `geometry`, where given, receives what SDXL's size conditioning reads (as diffusers' SDXL script computes it):
+    "original_size" (h, w) before the resize, "crop_top_left" (top, left) in the resized image as seen after the
+    flip, "target_size" (h, w).
+    """
     w, h = image.size
-    if w <= h:
-        size = (resolution, int(resolution * h / w))
-    else:
-        size = (int(resolution * w / h), resolution)
+    original = (h, w)
+    size = resized_size(image.size, resolution)
     if size != (w, h):
         image = image.resize(size, Image.BILINEAR)  # PIL antialiases when downscaling, as torchvision does on PIL
     w, h = image.size
@@ -191,10 +194,25 @@ def train_transform(image: Image.Image, resolution: int, center_crop: bool, rand
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
     image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
+    flipped = random_flip and float(torch.rand(1, generator=generator)) < 0.5
+    if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if geometry is not None:
+        geometry.update(size_conditioning(original, (top, w - left - resolution if flipped else left), resolution))
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(w, h) with the short side resized to `resolution`, as train_transform resizes."""
+    w, h = size
+    return (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+
+
+def size_conditioning(original: tuple[int, int], crop_top_left: tuple[int, int], resolution: int) -> dict:
+    """A sample's sizes as tensors (see train_transform's `geometry`)."""
+    return {"original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop_top_left),
+            "target_size": torch.tensor((resolution, resolution))}
 
 
 def pick_caption(value, index: int, column: str, generator: torch.Generator | None = None) -> str:
@@ -263,9 +281,11 @@ class CaptionedImages(torch.utils.data.Dataset):
                                 f"cannot be decoded (rows {skipped[:5]}{' ...' if len(skipped) > 5 else ''}, each "
                                 "named in a warning above); check dataset.path")
         caption = pick_caption(row[self.cfg.caption_column], row_index, self.cfg.caption_column, generator)
-        pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator)
+        geometry: dict = {}
+        pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator,
+                                 geometry)
         tokens = {key: value[0] for key, value in self.tokenize([caption]).items()}
-        item = {"pixel_values": pixels, **tokens, "index": index}
+        item = {"pixel_values": pixels, **tokens, **geometry, "index": index}
         if skipped:
             item["skipped_rows"] = skipped
         return item

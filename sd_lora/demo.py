@@ -139,16 +139,19 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def ensure_tiny_model(root: Path) -> Path:
-    """Build the tiny pipeline into `root` once (diffusers folder layout) and return its folder."""
-    key = hashlib.sha256(json.dumps(_tiny_spec(), sort_keys=True).encode()).hexdigest()[:10]
-    target = Path(root) / f"tiny-sd21-{key}"
+def ensure_tiny_model(root: Path, family: str = "sd") -> Path:
+    """Build the tiny pipeline (`family` sd: SD 2.1-shaped, sdxl: SDXL-shaped) into `root` once (diffusers folder
+    layout) and return its folder."""
+    spec, build, name = ((_tiny_sdxl_spec(), build_tiny_sdxl_pipeline, "tiny-sdxl") if family == "sdxl" else
+                         (_tiny_spec(), build_tiny_pipeline, "tiny-sd21"))
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    target = Path(root) / f"{name}-{key}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_pipeline().save_pretrained(tmp)
+        build().save_pretrained(tmp)
         try:
             tmp.rename(target)  # atomic: a concurrent builder either wins or finds ours
         except OSError:
@@ -157,6 +160,45 @@ def ensure_tiny_model(root: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _tiny_sdxl_spec() -> dict:
+    """Architecture of the tiny SDXL-shaped pipeline: SDXL's classes and added conditioning at small widths."""
+    spec = _tiny_spec()
+    unet = dict(spec["unet"], down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=64,  # the two text encoders' hidden states side by side: 32 + 32
+                transformer_layers_per_block=(1, 1, 2),
+                addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32)  # 6 size numbers x 8 + the pooled embedding
+    scheduler = dict(spec["scheduler"], prediction_type="epsilon", timestep_spacing="leading")
+    return {**spec, "version": f"sdxl-{TINY_MODEL_VERSION}", "unet": unet, "scheduler": scheduler,
+            "vae": dict(spec["vae"], scaling_factor=0.13025, force_upcast=True)}
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """The tiny random SDXL-shaped pipeline in memory (a `StableDiffusionXLPipeline`)."""
+    import torch
+
+    from sd_lora.notices import quiet_pipeline_imports
+
+    quiet_pipeline_imports()
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    spec = _tiny_sdxl_spec()
+    vocab, merges = _tiny_tokenizer_vocab(spec["words"])
+    tokenizers = [CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77) for pad in ("!", "!")]
+    config = dict(vocab_size=len(vocab), pad_token_id=vocab["!"], bos_token_id=vocab["<|startoftext|>"],
+                  eos_token_id=vocab["<|endoftext|>"], **spec["text_encoder"])
+    torch.manual_seed(seed)
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**spec["vae"]), text_encoder=CLIPTextModel(CLIPTextConfig(**config)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)), tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=UNet2DConditionModel(**spec["unet"]),
+        scheduler=EulerDiscreteScheduler(**{k: v for k, v in spec["scheduler"].items()
+                                            if k not in ("clip_sample", "set_alpha_to_one")}),
+    )
 
 
 def _draw(shape: str, fg: tuple, bg: tuple, size: int, rng: random.Random):

@@ -36,7 +36,7 @@ class ValidationSet:
     """Encoded held-out samples with their fixed timesteps and noise, ready on the device."""
 
     latents: torch.Tensor  # (N*K, 4, h, w): each sample repeated for each timestep
-    text: dict[str, torch.Tensor]  # the family's text conditioning, or its tokens where the text encoders train
+    text: dict[str, torch.Tensor]  # the family's text conditioning (or its tokens where the text encoders train), sizes
     timesteps: torch.Tensor  # (N*K,)
     noise: torch.Tensor  # (N*K, 4, h, w)
     num_samples: int
@@ -48,9 +48,10 @@ def build_validation_set(table, cfg_dataset, encode_captions, vae, noise_schedul
     """`encode_captions`: captions -> the family's conditioning tensors (families.ModelFamily.encode_captions), or
     its token tensors where the text encoders train (encoded with their current LoRA at each evaluation)."""
     pixels, captions, latents, texts, skipped = [], [], [], {}, []
+    sizes: dict[str, list[torch.Tensor]] = {}  # each sample's sizes (SDXL's size conditioning)
 
     def encode() -> None:  # a few at a time, like the embedding cache; no more images than that held at once
-        latents.append(vae.encode(torch.stack(pixels).to(device, dtype=dtype)).latent_dist.mean.float()
+        latents.append(vae.encode(torch.stack(pixels).to(device, dtype=vae.dtype)).latent_dist.mean.float()
                        * vae.config.scaling_factor)
         for key, value in encode_captions(captions).items():
             texts.setdefault(key, []).append(value.float() if value.is_floating_point() else value)
@@ -73,7 +74,11 @@ def build_validation_set(table, cfg_dataset, encode_captions, vae, noise_schedul
                                 "the text column")
             caption = texts_in_cell[0]
         captions.append(pick_caption(caption, index, cfg_dataset.caption_column))
-        pixels.append(train_transform(image, cfg_dataset.resolution, center_crop=True, random_flip=False))
+        geometry: dict = {}
+        pixels.append(train_transform(image, cfg_dataset.resolution, center_crop=True, random_flip=False,
+                                      geometry=geometry))
+        for key, value in geometry.items():
+            sizes.setdefault(key, []).append(value)
         if len(pixels) == batch_size:
             encode()
     if pixels:
@@ -90,7 +95,8 @@ def build_validation_set(table, cfg_dataset, encode_captions, vae, noise_schedul
     noise = torch.randn((n * k,) + tuple(latents.shape[1:]), generator=generator)
     return ValidationSet(
         latents=latents.repeat_interleave(k, dim=0),
-        text={key: torch.cat(parts).repeat_interleave(k, dim=0) for key, parts in texts.items()},
+        text={**{key: torch.cat(parts).repeat_interleave(k, dim=0) for key, parts in texts.items()},
+              **{key: torch.stack(parts).repeat_interleave(k, dim=0).to(device) for key, parts in sizes.items()}},
         timesteps=steps.repeat(n).to(device),
         noise=noise.to(device),
         num_samples=n,

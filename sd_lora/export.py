@@ -32,6 +32,9 @@ from sd_lora.files import save_safetensors
 
 ADAPTER_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+# SDXL's two text encoders: kohya's sd-scripts (and ComfyUI) name the first one lora_te1_
+KOHYA_PREFIXES_XL = {**KOHYA_PREFIXES, "text_encoder": "lora_te1_"}
+KOHYA_READ = {"lora_te1_": "text_encoder", **{v: k for k, v in KOHYA_PREFIXES.items()}}
 # the parts of diffusers' U-Net and CLIP module names that hold an underscore themselves
 JOINED = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
           "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "time_embedding",
@@ -62,7 +65,7 @@ def _diffusers_keys(module_weights: dict[tuple[str, str], torch.Tensor]) -> dict
 
 
 def is_kohya(tensors: dict) -> bool:
-    return any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors)
+    return any(key.startswith(tuple(KOHYA_READ)) for key in tensors)
 
 
 def _adapter_configs(header: dict) -> dict[str, dict]:
@@ -87,6 +90,7 @@ def _pattern_value(patterns: dict, module: str, default):
 def diffusers_to_kohya(tensors: dict[str, torch.Tensor], header: dict) -> dict[str, torch.Tensor]:
     """diffusers-layout tensors and header -> kohya-layout tensors, each module with its alpha."""
     configs = _adapter_configs(header)
+    names = KOHYA_PREFIXES_XL if any(k.startswith("text_encoder_2.") for k in tensors) else KOHYA_PREFIXES
     out = {}
     for key, value in tensors.items():
         prefix, _, rest = key.partition(".")
@@ -98,7 +102,7 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], header: dict) -> dict[s
         if prefix not in configs:
             raise UserError(f"the LoRA file has no adapter config for {prefix!r} ({ADAPTER_KEY}), so its alpha is "
                             "unknown; give a file written by sd_lora or by diffusers' save_lora_weights")
-        name = KOHYA_PREFIXES[prefix] + module.replace(".", "_")
+        name = names[prefix] + module.replace(".", "_")
         out[f"{name}.lora_{kind}.weight"] = value
         cfg = configs[prefix]
         alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
@@ -125,7 +129,7 @@ def _module_path(kohya_name: str) -> str:
 
 def kohya_to_diffusers(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya-layout tensors -> diffusers-layout tensors and the header entry that keeps each module's alpha."""
-    by_prefix = {value: key for key, value in KOHYA_PREFIXES.items()}
+    by_prefix = KOHYA_READ
     weights, ranks, alphas = {}, {}, {}
     for key, value in tensors.items():
         name, _, kind = key.partition(".")
@@ -175,7 +179,8 @@ def kohya_metadata(config: dict, run_name: str, facts: dict | None = None) -> di
         meta["ss_text_encoder_lr"] = str(config["optimizer"].get("text_encoder_lr") or config["optimizer"]["lr"])
     facts = facts or {}
     if "v2" in facts:
-        meta.update(ss_v2=str(facts["v2"]), ss_base_model_version="sd_v2" if facts["v2"] else "sd_v1")
+        meta.update(ss_v2=str(facts["v2"]), ss_base_model_version=facts.get("base_model_version")
+                    or ("sd_v2" if facts["v2"] else "sd_v1"))
     for key, fact in (("ss_v_parameterization", "v_parameterization"), ("ss_steps", "steps"),
                       ("ss_max_train_steps", "steps"), ("ss_epoch", "epochs"), ("ss_num_train_images", "num_images")):
         if facts.get(fact) is not None:

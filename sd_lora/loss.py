@@ -96,7 +96,7 @@ def train_step(m: StepModels, batch: dict, noise_offset: float, snr_gamma: float
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
         with torch.no_grad():
-            posterior = m.vae.encode(batch["pixel_values"].to(dtype=m.weight_dtype)).latent_dist
+            posterior = m.vae.encode(batch["pixel_values"].to(dtype=m.vae.dtype)).latent_dist  # SDXL: fp32
             mean, std = posterior.mean, posterior.std
     conditioning = m.family.conditioning(m.text_encoders, batch, m.weight_dtype, grad=m.text_trained)
     latents = ((mean + std * _randn(gens, mean.shape[1:], mean)) * m.scaling_factor).to(m.weight_dtype)

@@ -17,6 +17,7 @@ from sd_lora.config import Config
 from sd_lora.data import load_tables
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
+from sd_lora.hub import resolve_local
 from sd_lora.model import lora_file, resolve_model_path
 from sd_lora.speed import check_speed_switches
 
@@ -108,6 +109,9 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
     if not problems.skips(MODEL_KEYS):
         with problems.check():
             model_path = resolve_model_path(cfg.model)
+    if cfg.model.vae_path and not problems.skips(("model.vae_path",)):
+        with problems.check():
+            resolve_local("model.vae_path", cfg.model.vae_path)
     if cfg.model.lora.init_from and not problems.skips(("model.lora.init_from",)):
         with problems.check():
             path = lora_file(Path(cfg.model.lora.init_from))

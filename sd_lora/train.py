@@ -223,7 +223,7 @@ def export_lora(tr: Training, unet, lora_file: Path, num_images: int) -> None:
     from sd_lora.export import convert
 
     if LoraFormat.kohya in tr.cfg.trainer.export_formats:
-        facts = {"v2": unet.config.cross_attention_dim >= 1024,  # SD 2.x's OpenCLIP-H width; SD 1.x has 768
+        facts = {**tr.models.family.kohya_version(unet),
                  "v_parameterization": tr.models.noise_scheduler.config.prediction_type == "v_prediction",
                  "steps": tr.state.global_step, "epochs": tr.length.num_epochs, "num_images": num_images}
         path = convert(lora_file, "kohya", lora_file.parent / f"{tr.run_dir.name}.safetensors", facts=facts)

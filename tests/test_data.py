@@ -99,7 +99,8 @@ def test_load_table_and_captioned_images(layout, tmp_path, tokenizer, tokenize):
     seen = set()
     for i in range(len(items)):
         item = items[i]
-        assert set(item) == {"pixel_values", "input_ids", "index"} and item["index"] == i
+        assert set(item) == {"pixel_values", "input_ids", "index", "original_size", "crop_top_left",
+                             "target_size"} and item["index"] == i
         pixels, ids = item["pixel_values"], item["input_ids"]
         assert pixels.shape == (3, 8, 8) and pixels.dtype == torch.float32
         assert ids.shape == (tokenizer.model_max_length,) and ids.dtype == torch.int64
@@ -109,6 +110,11 @@ def test_load_table_and_captioned_images(layout, tmp_path, tokenizer, tokenize):
                                          padding="max_length", truncation=True).input_ids
         # the image of this row, not another one's
         assert (to_uint8(pixels) == np.array(colours[caption])).all(), (i, caption)
+        # SDXL's size conditioning: the size before the resize (h, w), the centre crop's offset, the square
+        w, h = next(size for n, _, size in ROWS if f"a {n} square" == caption)
+        assert item["original_size"].tolist() == [h, w] and item["target_size"].tolist() == [8, 8]
+        short = min(w, h)
+        assert item["crop_top_left"].tolist() == [round((h * 8 // short - 8) / 2), round((w * 8 // short - 8) / 2)]
         seen.add(caption)
     assert seen == set(colours)
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 from sd_lora.config import ModelConfig, ModelFamilyName
 from sd_lora.families.base import Components, ModelFamily
 from sd_lora.families.sd import StableDiffusion
+from sd_lora.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[ModelFamilyName, ModelFamily] = {ModelFamilyName.sd: StableDiffusion()}
+FAMILIES: dict[ModelFamilyName, ModelFamily] = {ModelFamilyName.sd: StableDiffusion(),
+                                                ModelFamilyName.sdxl: StableDiffusionXL()}
 
 
 def family_of(cfg: ModelConfig) -> ModelFamily:

@@ -70,10 +70,19 @@ class ModelFamily(ABC):
         """The diffusers pipeline that renders images (and loads a LoRA file) for this family: built from the
         loaded `components` (with `unet` in place of theirs) during training, or read from `path` alone."""
 
+    def sample_conditioning(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Conditioning from each sample's image rather than its caption (SDXL: the sizes); none by default."""
+        return {}
+
     def lora_modules(self, unet: torch.nn.Module, text_encoders: tuple = ()) -> dict[str, torch.nn.Module]:
         """The trained modules under the prefixes the LoRA file uses (diffusers names them after the pipeline's
         attributes): the U-Net, and the text encoders when they train (`text_encoders` given)."""
         return {"unet": unet, **dict(zip(self.text_prefixes, text_encoders))}
+
+    def kohya_version(self, unet: torch.nn.Module) -> dict:
+        """kohya's `ss_v2` / `ss_base_model_version` facts (what ComfyUI's and AUTOMATIC1111's browsers show)."""
+        v2 = unet.config.cross_attention_dim >= 1024  # SD 2.x's OpenCLIP-H width; SD 1.x has 768
+        return {"v2": v2, "base_model_version": "sd_v2" if v2 else "sd_v1"}
 
     def cache_identity(self, components: Components) -> dict:
         """What the cached text embeddings depend on besides the weight files: the encoders' and tokenizers' configs."""
@@ -96,4 +105,5 @@ class ModelFamily(ABC):
         else:
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 found = self.encode(text_encoders, batch)
+        found.update(self.sample_conditioning(batch))
         return {key: value.to(dtype) for key, value in found.items()}

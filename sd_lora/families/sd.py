@@ -27,7 +27,8 @@ class StableDiffusion(ModelFamily):
         weights = dict(variant=cfg.variant, dtype=dtype, **kw)
         return Components(
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
+            vae=(AutoencoderKL.from_pretrained(cfg.vae_path, dtype=dtype, local_files_only=True) if cfg.vae_path
+                 else AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
             tokenizers=(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),),
             text_encoders=(CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),),
