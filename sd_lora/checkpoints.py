@@ -83,6 +83,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def last_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that is complete: its weights were checked finite before it was written."""
+    found = [p for p in list_checkpoints(run_dir) if (p / CHECKPOINT_META).is_file()]
+    return found[-1] if found else None
+
+
 def _remove(path: Path) -> None:
     """Delete a checkpoint folder so that a kill midway leaves no partial checkpoint-<step> behind."""
     doomed = path.with_name(f".old-{path.name}")
@@ -114,7 +120,7 @@ def save_checkpoint(accelerator, cfg: Config, run_dir: Path, state: RunState) ->
     """
     from accelerate.utils import gather_object
 
-    state.guard.check()  # never save weights that a NaN/Inf has reached
+    state.guard.check(state.global_step)  # never save weights that a NaN/Inf has reached
     root = checkpoint_dir(run_dir)
     target, tmp = root / f"checkpoint-{state.global_step}", root / f".tmp-checkpoint-{state.global_step}"
     if accelerator.is_main_process:

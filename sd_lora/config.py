@@ -12,6 +12,7 @@ unknown key fails in Hydra with its own message. Cross-field and range checks ra
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -203,21 +204,25 @@ class OptimizerConfig:
     fused: Optional[bool] = None  # fused AdamW kernel; null = where the device supports it
 
     def __post_init__(self):
-        _check(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate such as 1e-4")
+        # every number the optimizer computes with is finite: inf or NaN here would reach every LoRA weight
+        _check(math.isfinite(self.lr) and self.lr > 0, "optimizer.lr", self.lr,
+               "use a positive, finite learning rate such as 1e-4")
         _check(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             "optimizer.betas",
             list(self.betas),
             "give two numbers in [0, 1), e.g. [0.9,0.999]",
         )
-        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "use 0 or more")
-        _check(self.eps > 0, "optimizer.eps", self.eps, "use a small positive number such as 1e-8")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay",
+               self.weight_decay, "use a finite number, 0 or more")
+        _check(math.isfinite(self.eps) and self.eps > 0, "optimizer.eps", self.eps,
+               "use a small positive number such as 1e-8")
         _check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", self.lr_warmup_steps, "use 0 or more")
         _check(
-            self.max_grad_norm is None or self.max_grad_norm > 0,
+            self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
             "optimizer.max_grad_norm",
             self.max_grad_norm,
-            "use a positive norm, or null to turn clipping off",
+            "use a positive, finite norm, or null to turn clipping off",
         )
 
 

@@ -8,7 +8,7 @@ Each piece lives in its own room and is only called from here:
     data.py, cache.py   the training rows, their transforms, the embedding cache
     optim.py       optimizer, lr schedule, run length, gradient clipping
     loss.py        one micro-batch's loss (target per prediction type, Min-SNR)
-    guard.py       NaN/Inf in the loss or gradients, grad-scaler skips
+    guard.py       NaN/Inf in the loss, gradients or LoRA weights, grad-scaler skips
     loop.py        the epoch and step loop
     checkpoints.py whole-or-absent checkpoints and exact resume
     evaluation.py  the validation loss and validation images
@@ -87,7 +87,7 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
     register_checkpoint_hooks(accelerator, unet)
 
     state = resume(accelerator, cfg, resume_path, length.steps_per_epoch) if resume_path else RunState()
-    state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir)
+    state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir, lora_params)
     state.max_train_steps = length.max_train_steps
     state.skipped_image_rows.update(getattr(dataset, "skipped_rows", ()))  # left out of the embedding cache
     if accelerator.is_main_process:

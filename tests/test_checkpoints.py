@@ -224,6 +224,38 @@ def test_nonfinite_guard_names_the_step_it_happened_in_when_checked_later(tmp_pa
     guard.check()  # skip policy: never raises
 
 
+def test_nonfinite_lora_weights_are_refused_before_anything_is_written_under_either_policy(tmp_path):
+    """A finite loss and gradient, and an update that overflows (huge lr x weight decay): the weights, not the
+    loss, say so. The message names the newest complete checkpoint, never a half-written one."""
+    from accelerate import Accelerator
+
+    from sd_lora.checkpoints import CHECKPOINT_META
+
+    accelerator = Accelerator(cpu=True)
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-2" / CHECKPOINT_META).write_text("{}")
+    (tmp_path / "checkpoints" / "checkpoint-3").mkdir()  # no sd_lora_checkpoint.json: not complete
+    for policy in OnFailure:
+        param = torch.nn.Parameter(torch.ones(4))
+        optimizer = torch.optim.AdamW([param], lr=3e37, weight_decay=11.0)  # decay to -3.3e38, then -3e37 more
+        cfg = Config(model=ModelConfig(pretrained_model_name_or_path="m"), dataset=DatasetConfig(path="d"),
+                     trainer=TrainerConfig(on_nonfinite_loss=policy))
+        guard = NonFiniteGuard(cfg, accelerator, tmp_path, [param])
+        guard.check(0)  # finite weights pass
+        loss = (param * 0.5).sum()
+        guard.add_loss(loss)
+        loss.backward()
+        assert not guard.skip_step(RunState(), torch.linalg.vector_norm(param.grad))  # loss and norm are finite
+        optimizer.step()
+        assert not torch.isfinite(param).all()
+        with pytest.raises(UserError) as info:
+            guard.check(1)
+        text = str(info.value)
+        assert "LoRA weights hold NaN/Inf after optimizer step 1" in text and "optimizer.weight_decay (now 0.01)" in text
+        assert f"the last good checkpoint is {tmp_path / 'checkpoints' / 'checkpoint-2'} " in text
+        guard.check()  # without a step (a logging step) the weights are not read
+
+
 def test_grad_scaler_skips_are_counted_also_when_a_fused_adamw_skips_in_its_kernel(tmp_path):
     """fp16's normal skipped steps: accelerate's optimizer_step_was_skipped misses those of a fused AdamW."""
     from accelerate import Accelerator
