@@ -45,6 +45,8 @@ class RunState:
     max_train_steps: int | None = None  # the run's length, kept in each checkpoint (finished_run reads it)
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run fits (see run_fingerprint)
     guard: object = None  # the run's guard.NonFiniteGuard
+    stopped_by: str | None = None  # the signal that stopped the run before its end (signals.StopRequest)
+    saved_step: int | None = None  # the step of the checkpoint this process saved last
 
 
 def register_checkpoint_hooks(accelerator, unet) -> None:
@@ -155,6 +157,7 @@ def save_checkpoint(accelerator, cfg: Config, run_dir: Path, state: RunState) ->
                 _remove(old)
         log.info("checkpoint saved: %s", target)
     accelerator.wait_for_everyone()
+    state.saved_step = state.global_step
     return target
 
 

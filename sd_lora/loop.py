@@ -38,6 +38,7 @@ class Training:
     evaluate: Callable | None = None  # (unet, state) -> validation loss; main process only
     render: Callable | None = None  # (epoch, step) -> validation images; main process only
     after_step: Callable[[int], None] = lambda step: None  # scheduled garbage collection, profiler
+    stop: object = None  # signals.StopRequest: a pre-emption signal ends the run after the current step
 
 
 def run_loop(tr: Training) -> None:
@@ -88,7 +89,8 @@ def run_loop(tr: Training) -> None:
             progress.update(1)
             tr.timer.step()
             tr.after_step(state.global_step)
-            if state.global_step % t.log_every_n_steps == 0 or state.global_step == max_train_steps:
+            logged = state.global_step % t.log_every_n_steps == 0 or state.global_step == max_train_steps
+            if logged:
                 state.guard.check()  # this reads the device anyway: stop here, naming the step, on a NaN/Inf
                 total, count = accelerator.reduce(torch.stack([loss_sum, loss_count]), reduction="sum").tolist()
                 tr.timer.read_marks()  # the line above waited for the device
@@ -110,6 +112,11 @@ def run_loop(tr: Training) -> None:
                 tr.evaluate(models.unet, state)
             if state.global_step >= max_train_steps:
                 break
+            if tr.stop is not None and tr.stop.agreed(accelerator, logged):
+                state.stopped_by = tr.stop.signame  # train.finish saves the checkpoint and the report so far
+                break
+        if state.stopped_by:
+            break
         last_epoch = epoch == tr.length.num_epochs - 1 or state.global_step >= max_train_steps
         if tr.render is not None and ((epoch + 1) % t.validation_epochs == 0 or last_epoch):
             tr.render(epoch, state.global_step)

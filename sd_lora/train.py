@@ -11,6 +11,7 @@ Each piece lives in its own room and is only called from here:
     guard.py       NaN/Inf in the loss, gradients or LoRA weights, grad-scaler skips
     loop.py        the epoch and step loop
     checkpoints.py whole-or-absent checkpoints and exact resume
+    signals.py     pre-emption: SIGTERM/SIGINT/SIGUSR1 end the run after the current step, with a checkpoint
     evaluation.py  the validation loss and validation images
     report.py, provenance.py   report.json, tensorboard hparams, how the run was made
 Side effects (files, logs, validation images) happen on the main process only.
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.checkpoints import (RunState, check_resume, finished_run, outputs_written, register_checkpoint_hooks,
-                                  resume, run_fingerprint, save_checkpoint)
+from sd_lora.checkpoints import (RunState, check_resume, checkpoint_dir, finished_run, outputs_written,
+                                  register_checkpoint_hooks, resume, run_fingerprint, save_checkpoint)
 from sd_lora.config import Config
 from sd_lora.data import CaptionedImages, build_dataloader, collate
 from sd_lora.devices import Backend
@@ -42,6 +43,7 @@ from sd_lora.model import add_lora, load_components, save_lora, weight_dtype_of
 from sd_lora.optim import build_lr_scheduler, build_optimizer, run_length
 from sd_lora.preflight import Checked, checks_before_work
 from sd_lora.report import build_report, config_dict, config_json, tensorboard_hparams, write_report
+from sd_lora.signals import Preempted, StopRequest
 from sd_lora.speed import (SpeedPlan, compile_encoders, plan_speed, process_switches_kept, set_module_switches,
                            set_process_switches)
 from sd_lora.timing import StepProfiler, Timer, scheduled_gc
@@ -51,11 +53,11 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config, run_dir: Path | str) -> dict | None:
     """Train a LoRA as configured; write everything into `run_dir`; return the report (main process)."""
-    with process_switches_kept(cfg) as scope:
-        return _train(cfg, Path(run_dir), scope)
+    with process_switches_kept(cfg) as scope, StopRequest() as stop:
+        return _train(cfg, Path(run_dir), scope, stop)
 
 
-def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | None:
+def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRequest) -> dict | None:
     t0 = time.perf_counter()
     checked = checks_before_work(cfg)
     speed = plan_speed(cfg, checked.backend)
@@ -102,7 +104,7 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
         render = functools.partial(render_validation_images, cfg, accelerator, family, comps, unet, checked.model_path,
                                    run_dir, dtype)
     tr = Training(cfg, accelerator, models, lora_params, optimizer, lr_scheduler, dataloader, shuffle, state,
-                  Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render)
+                  Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render, stop=stop)
     run_timed(tr, checked.backend)
     return finish(tr, checked, family, speed, t0)
 
@@ -210,12 +212,15 @@ def export_lora(tr: Training, unet, lora_file: Path, num_images: int) -> None:
 
 
 def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan, t0: float) -> dict | None:
-    """The last validation loss, the final checkpoint, the LoRA file and the report."""
+    """The last validation loss, the final checkpoint, the LoRA file and the report; after a pre-emption signal
+    only the checkpoint and the report so far (no LoRA file: the run is not done), then `Preempted`."""
     accelerator, state, run_dir = tr.accelerator, tr.state, tr.run_dir
     if state.resumed_from and state.global_step == state.start_step and outputs_written(run_dir):
         # nothing trained, all written: nothing to rewrite
         accelerator.end_training()
         return leave_finished_run(run_dir, Path(state.resumed_from), accelerator.is_main_process)
+    if state.stopped_by:
+        return stop_preempted(tr, checked, speed, t0)
     if tr.evaluate is not None and state.validation_loss_step != state.global_step:
         tr.evaluate(tr.models.unet, state)
     save_checkpoint(accelerator, tr.cfg, run_dir, state)  # LoRA-only and small: lets a run be extended
@@ -234,3 +239,17 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
         log.info("done: LoRA %s, report %s", lora_file, write_report(run_dir, report))
     accelerator.end_training()
     return report
+
+
+def stop_preempted(tr: Training, checked: Checked, speed: SpeedPlan, t0: float):
+    """A pre-emption signal: the checkpoint of this step (unless the loop just saved it), the report so far."""
+    accelerator, state = tr.accelerator, tr.state
+    checkpoint = checkpoint_dir(tr.run_dir) / f"checkpoint-{state.global_step}"
+    if state.saved_step != state.global_step:
+        checkpoint = save_checkpoint(accelerator, tr.cfg, tr.run_dir, state)
+    if accelerator.is_main_process:
+        report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
+                              tr.length.max_train_steps, None, time.perf_counter() - t0, speed)
+        write_report(tr.run_dir, report)
+    accelerator.end_training()
+    raise Preempted(state.stopped_by, state.global_step, checkpoint)

@@ -147,6 +147,50 @@ def test_kill_during_a_save_leaves_the_last_checkpoint_whole_and_resumable(refer
 
 
 # --------------------------------------------------------------------------------------------
+# 2b. pre-emption: SIGTERM finishes the step, saves a checkpoint and the report, exits 3; resume is exact
+
+
+def test_sigterm_saves_a_checkpoint_and_the_report_and_the_resume_ends_bit_identical(reference, tmp_path):
+    from sd_lora.signals import PREEMPTED_EXIT_STATUS
+
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *RUN, f"hydra.run.dir={run}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "checkpoint-2").is_dir():  # in step 3 or later, between checkpoints
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[0]  # and stdout, where Hydra's log goes
+    assert proc.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM received" in stderr
+    report = json.loads((run / "report.json").read_text())  # the report so far
+    step = report["global_step"]
+    assert 2 <= step < STEPS and report["stopped_by_signal"] == "SIGTERM" and report["lora_path"] is None
+    assert f"stopped by SIGTERM after optimizer step {step}: checkpoint {run / 'checkpoints' / f'checkpoint-{step}'}" \
+        in stderr and "trainer.resume_from_checkpoint=latest" in stderr
+    assert (run / "checkpoints" / f"checkpoint-{step}" / "sd_lora_checkpoint.json").is_file()
+    assert not (run / "lora").exists()  # not a finished LoRA
+    assert f"resumed from {run / 'checkpoints' / f'checkpoint-{step}'} at step {step}" in resume(run)
+    assert_same_end_state(run, reference)
+
+
+def test_a_second_signal_ends_the_process_at_once(tmp_path):
+    """The first signal only asks; the second one ends the process as the signal would have (no handler left)."""
+    script = ("import sys, time\nfrom sd_lora.signals import StopRequest\nwith StopRequest() as stop:\n"
+              "    print('ready', flush=True)\n    while stop.signame is None: time.sleep(0.01)\n"
+              "    print(stop.signame, flush=True)\n    time.sleep(60)\n")
+    for signum in (signal.SIGINT, signal.SIGUSR1):
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signum)
+        assert proc.stdout.readline() == f"{signal.Signals(signum).name}\n"  # caught, still running
+        assert proc.poll() is None
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == -signum
+
+
+# --------------------------------------------------------------------------------------------
 # 3. resume refuses what does not fit
 
 
