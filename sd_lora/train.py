@@ -11,6 +11,7 @@ Each piece lives in its own room and is only called from here:
     guard.py       NaN/Inf in the loss, gradients or LoRA weights, grad-scaler skips
     loop.py        the epoch and step loop
     checkpoints.py whole-or-absent checkpoints and exact resume
+    lock.py        one run per run directory
     signals.py     pre-emption: SIGTERM/SIGINT/SIGUSR1 end the run after the current step, with a checkpoint
     evaluation.py  the validation loss and validation images
     report.py, provenance.py   report.json, tensorboard hparams, how the run was made
@@ -37,6 +38,7 @@ from sd_lora.errors import UserError
 from sd_lora.evaluation import build_evaluator, render_validation_images
 from sd_lora.families import Components, ModelFamily, family_of
 from sd_lora.guard import NonFiniteGuard
+from sd_lora.lock import RunLock
 from sd_lora.loop import Training, run_loop
 from sd_lora.loss import StepModels
 from sd_lora.model import add_lora, load_components, save_lora, weight_dtype_of
@@ -62,6 +64,8 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
     checked = checks_before_work(cfg)
     speed = plan_speed(cfg, checked.backend)
     accelerator = build_accelerator(cfg, checked.backend, run_dir, speed.compile_mode)
+    if accelerator.is_main_process:
+        scope.enter_context(RunLock(run_dir))  # one run per run directory, before anything is written there
     set_process_switches(cfg, checked.backend, accelerator, scope, speed)
     fingerprint = run_fingerprint(cfg, checked.model_path, checked.table, accelerator.num_processes)
     resume_path = check_resume(cfg, run_dir, fingerprint)  # a checkpoint that does not fit stops here, before the weights

@@ -173,6 +173,7 @@ def test_sigterm_saves_a_checkpoint_and_the_report_and_the_resume_ends_bit_ident
     assert not (run / "lora").exists()  # not a finished LoRA
     assert f"resumed from {run / 'checkpoints' / f'checkpoint-{step}'} at step {step}" in resume(run)
     assert_same_end_state(run, reference)
+    assert not (run / "sd_lora.lock").exists()  # released by both runs
 
 
 def test_a_second_signal_ends_the_process_at_once(tmp_path):
@@ -188,6 +189,39 @@ def test_a_second_signal_ends_the_process_at_once(tmp_path):
         assert proc.poll() is None
         proc.send_signal(signum)
         assert proc.wait(timeout=30) == -signum
+
+
+def test_one_run_directory_holds_one_run(tiny_model_path, tmp_path, caplog):
+    """A second writer is refused naming the holder; a lock left by a process that ended is taken over."""
+    import socket
+
+    from sd_lora.config import DeviceConfig, DeviceType
+    from sd_lora.lock import LOCK_NAME, RunLock
+    from sd_lora.train import train
+
+    cfg = Config(model=ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)), device=DeviceConfig(
+        type=DeviceType.cpu), dataset=DatasetConfig(path=str(ROOT / "sd_lora" / "assets" / "shapes"), resolution=32))
+    with RunLock(tmp_path):
+        held = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+        with pytest.raises(UserError) as info:
+            train(cfg, tmp_path)  # the trainer takes the lock before it writes anything
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+        assert f"run directory {tmp_path} is in use by process {os.getpid()} on {socket.gethostname()}, started " \
+               f"{held['started_at']}" in str(info.value) and "hydra.run.dir" in str(info.value)
+    assert not (tmp_path / LOCK_NAME).exists()
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started_at": "x"}))
+    with caplog.at_level("WARNING"), RunLock(tmp_path):  # a kill -9 left it: taken over
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert f"taking over the lock of process {dead} (started x), which no longer runs" in caplog.text
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started_at": "y"}))
+    with pytest.raises(UserError, match=f"in use by process 1 on elsewhere, started y .*remove {tmp_path / LOCK_NAME}"):
+        with RunLock(tmp_path):
+            pass
 
 
 # --------------------------------------------------------------------------------------------
