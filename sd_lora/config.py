@@ -257,7 +257,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False  # recompute U-Net activations in backward: less memory, ~40% slower
     checkpointing_steps: Optional[int] = 500  # save a resumable checkpoint every N optimizer steps (and always at the end); null = only at the end
     checkpoints_total_limit: Optional[int] = None  # keep at most N checkpoints; null = all
-    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    resume_from_checkpoint: Optional[str] = None  # "latest", "latest_valid" (the newest intact one, passing over damaged ones) or a checkpoint folder
     validation_prompts: List[str] = field(default_factory=list)  # prompts rendered to samples/ and tensorboard
     validation_epochs: int = 1  # render validation prompts every N epochs and at the end
     num_validation_images: int = 4  # images per validation prompt

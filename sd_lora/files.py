@@ -1,11 +1,44 @@
-"""Writing the project's safetensors files: whole or absent, and readable as the user's umask says."""
+"""Writing the project's files: whole or absent, readable as the user's umask says, and a full disk or an
+unwritable folder told as one message that names the path, the free space and the fix."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
+
+from sd_lora.errors import UserError
+
+
+def free_space(path: Path) -> str:
+    """The free space on the file system of `path` (or of its nearest existing parent), e.g. '1.2 GiB'."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.1f} GiB"
+    except OSError:
+        return "an unknown amount"
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str, kept: str = ""):
+    """Turn a failed write (full disk, file-size limit, read-only or unwritable folder) into one UserError."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"could not write {what} at {path}: {exc.strerror or exc} ({free_space(path)} free there); "
+                        f"free some space or make the folder writable, or point hydra.run.dir at another disk"
+                        + (f". {kept}" if kept else "")) from None
+    except RuntimeError as exc:  # torch.save wraps the OS's error ("PytorchStreamWriter failed writing file",
+        if not any(word in str(exc) for word in ("writ", "iostream")):  # "basic_ios::clear: iostream error")
+            raise
+        raise UserError(f"could not write {what} at {path}: {exc} ({free_space(path)} free there); free some space "
+                        f"or make the folder writable, or point hydra.run.dir at another disk"
+                        + (f". {kept}" if kept else "")) from None
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:

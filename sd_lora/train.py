@@ -37,6 +37,7 @@ from sd_lora.devices import Backend
 from sd_lora.errors import UserError
 from sd_lora.evaluation import build_evaluator, render_validation_images
 from sd_lora.families import Components, ModelFamily, family_of
+from sd_lora.files import writing
 from sd_lora.guard import NonFiniteGuard
 from sd_lora.lock import RunLock
 from sd_lora.loop import Training, run_loop
@@ -92,7 +93,8 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
     unet, optimizer, lr_scheduler = accelerator.prepare(comps.unet, optimizer, lr_scheduler)
     register_checkpoint_hooks(accelerator, unet)
 
-    state = resume(accelerator, cfg, resume_path, length.steps_per_epoch) if resume_path else RunState()
+    state = (resume(accelerator, cfg, resume_path, length.steps_per_epoch, optimizer, lr_scheduler) if resume_path
+             else RunState())
     state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir, lora_params)
     state.max_train_steps = length.max_train_steps
     state.skipped_image_rows.update(getattr(dataset, "skipped_rows", ()))  # left out of the embedding cache
@@ -227,7 +229,7 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
         return stop_preempted(tr, checked, speed, t0)
     if tr.evaluate is not None and state.validation_loss_step != state.global_step:
         tr.evaluate(tr.models.unet, state)
-    save_checkpoint(accelerator, tr.cfg, run_dir, state)  # LoRA-only and small: lets a run be extended
+    final = save_checkpoint(accelerator, tr.cfg, run_dir, state)  # LoRA-only and small: lets a run be extended
     if state.skipped_image_rows and accelerator.is_main_process:
         log.warning("dataset.on_bad_image=skip: %d image(s) could not be decoded and were skipped (data set rows %s)",
                     len(state.skipped_image_rows), sorted(state.skipped_image_rows)[:20])
@@ -235,12 +237,14 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
     report = None
     if accelerator.is_main_process:
         base = accelerator.unwrap_model(tr.models.unet, keep_torch_compile=False)
-        lora_file = save_lora(family.lora_modules(base), run_dir / "lora",
-                              metadata={"sd_lora_config": config_json(tr.cfg)})
-        export_lora(tr, base, lora_file, len(checked.table))
-        report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
-                              tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed)
-        log.info("done: LoRA %s, report %s", lora_file, write_report(run_dir, report))
+        with writing(run_dir / "lora", "the LoRA file and the report", f"The final checkpoint {final} is saved: "
+                     "once there is room, trainer.resume_from_checkpoint=latest writes them"):
+            lora_file = save_lora(family.lora_modules(base), run_dir / "lora",
+                                  metadata={"sd_lora_config": config_json(tr.cfg)})
+            export_lora(tr, base, lora_file, len(checked.table))
+            report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
+                                  tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed)
+            log.info("done: LoRA %s, report %s", lora_file, write_report(run_dir, report))
     accelerator.end_training()
     return report
 
