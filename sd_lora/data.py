@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd_lora.config import DatasetConfig, OnFailure
+from sd_lora.config import DatasetConfig, OnFailure, cache_dir
 from sd_lora.errors import UserError
 from sd_lora.hub import resolve_local
 
@@ -113,7 +113,7 @@ def _read_split(cfg: DatasetConfig, split: str):
                 raise UserError(f"dataset.split={split!r}: the saved data set at {path} is a single split "
                                 f"({table.split or 'train'}); set dataset.split={table.split or 'train'}")
         else:
-            table = _pick_split(datasets.load_dataset(str(path)), split, path)
+            table = _pick_split(datasets.load_dataset(str(path), cache_dir=datasets_cache_dir()), split, path)
     except UserError:
         raise
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
@@ -130,6 +130,12 @@ def _read_split(cfg: DatasetConfig, split: str):
     if isinstance(table.features[cfg.image_column], datasets.Image):
         table = table.cast_column(cfg.image_column, datasets.Image(decode=False))
     return table
+
+
+def datasets_cache_dir() -> str:
+    """Where 🤗 datasets keeps the tables it prepares: $HF_DATASETS_CACHE if set, else $SD_LORA_CACHE/datasets
+    (with the rest of sd_lora's caches, not in ~/.cache/huggingface)."""
+    return os.environ.get("HF_DATASETS_CACHE") or str(cache_dir() / "datasets")
 
 
 def _pick_split(tables, split: str, path: Path):

@@ -23,8 +23,17 @@ def config_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
+# how a run was started, not what it trained: left out of the config a LoRA file carries, so that the same
+# training gives the same file (provenance.json keeps them)
+VOLATILE_KEYS = (("trainer", "resume_from_checkpoint"),)
+
+
 def config_json(cfg: Config) -> str:
-    return json.dumps(config_dict(cfg), sort_keys=True)
+    """The config as a LoRA file's metadata: sorted keys, without VOLATILE_KEYS."""
+    config = config_dict(cfg)
+    for section, key in VOLATILE_KEYS:
+        config[section].pop(key, None)
+    return json.dumps(config, sort_keys=True)
 
 
 def tensorboard_hparams(cfg: Config) -> dict:
