@@ -31,7 +31,7 @@ from sd_lora.files import save_safetensors
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the layout of a cache file changes
+CACHE_FORMAT = 2  # bump when the layout of a cache file, or how its images are decoded, changes (2: 16-bit, alpha)
 
 
 def cache_key(model_cfg: ModelConfig, model_path: Path, comps: Components, table, cfg: DatasetConfig,
@@ -56,6 +56,7 @@ def cache_key(model_cfg: ModelConfig, model_path: Path, comps: Components, table
         "center_crop": cfg.center_crop,
         "random_flip": cfg.random_flip,
         "max_train_samples": cfg.max_train_samples,
+        "alpha": cfg.alpha.value,
     }
     if cfg.on_bad_image is OnFailure.skip:  # a cache without the bad rows must not serve a run that would stop on them
         parts["on_bad_image"] = cfg.on_bad_image.value
@@ -90,7 +91,7 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
         images, captions = [], []
         for offset, (cell, caption) in enumerate(zip(rows[cfg.image_column], rows[cfg.caption_column])):
             index = start + offset
-            image = decode_or_skip(cell, index, cfg.on_bad_image, "left out of the cache")
+            image = decode_or_skip(cell, index, cfg.on_bad_image, "left out of the cache", alpha=cfg.alpha)
             if image is None:
                 skipped.append(index)
                 continue

@@ -40,6 +40,7 @@ class RunState:
     nonfinite_skipped_steps: int = 0  # steps left out for a NaN/Inf loss (trainer.on_nonfinite_loss=skip)
     grad_scaler_skipped_steps: int = 0  # fp16: steps the grad scaler skipped on an overflow (normal, not an error)
     skipped_image_rows: set = field(default_factory=set)  # rows whose image cannot be decoded (dataset.on_bad_image=skip)
+    long_captions: int = 0  # training rows with a caption the tokenizer cuts (data.long_captions), counted at the start
     resumed_from: str | None = None
     start_step: int = 0  # the step this process started from (a resumed checkpoint's)
     max_train_steps: int | None = None  # the run's length, kept in each checkpoint (finished_run reads it)

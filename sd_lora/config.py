@@ -94,6 +94,14 @@ class OnFailure(Enum):
     skip = "skip"  # leave it out, log it and count it in report.json
 
 
+class Alpha(Enum):
+    """What a transparent image (RGBA, LA, a palette with transparency) trains on: the model sees no alpha."""
+
+    white = "white"  # composited on white, as a viewer shows it
+    black = "black"  # composited on black
+    ignore = "ignore"  # alpha dropped: the colours of transparent pixels as stored (often hidden garbage)
+
+
 def _check(ok: bool, key: str, value, fix: str) -> None:
     if not ok:
         raise UserError(f"{key}={value!r} is invalid: {fix}")
@@ -169,6 +177,7 @@ class DatasetConfig:
     cache: bool = False  # encode every image (and its mirror image) and caption once; the VAE and text encoder then leave the accelerator
     cache_dir: Optional[str] = None  # where caches are kept; null = $SD_LORA_CACHE/embeddings
     on_bad_image: OnFailure = OnFailure.error  # an image that cannot be decoded: error, or skip (the next good row takes its place)
+    alpha: Alpha = Alpha.white  # transparent images: composited on white, on black, or ignore (alpha dropped)
 
     def __post_init__(self):
         _check(

@@ -127,6 +127,7 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "grad_scaler_skipped_steps": state.grad_scaler_skipped_steps,
         "skipped_images": len(state.skipped_image_rows),
         "skipped_image_rows": sorted(state.skipped_image_rows)[:100],
+        "long_captions": state.long_captions,  # training rows whose caption is cut to the tokenizer's limit
     }
 
 

@@ -32,7 +32,7 @@ import torch
 from sd_lora.checkpoints import (RunState, check_resume, checkpoint_dir, finished_run, outputs_written,
                                   register_checkpoint_hooks, resume, run_fingerprint, save_checkpoint)
 from sd_lora.config import Config
-from sd_lora.data import CaptionedImages, build_dataloader, collate
+from sd_lora.data import CaptionedImages, build_dataloader, collate, long_captions
 from sd_lora.devices import Backend
 from sd_lora.errors import UserError
 from sd_lora.evaluation import build_evaluator, render_validation_images
@@ -99,6 +99,7 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
     state.max_train_steps = length.max_train_steps
     state.skipped_image_rows.update(getattr(dataset, "skipped_rows", ()))  # left out of the embedding cache
     if accelerator.is_main_process:
+        state.long_captions = len(long_captions(checked.table, cfg.dataset, comps.tokenizers))
         accelerator.init_trackers("train", config=tensorboard_hparams(cfg))
         log.info("training %s on %s (%s, %d process(es)): %d samples, %d epochs, %d optimizer steps, run dir %s",
                  checked.model_path, checked.backend.name, cfg.precision.mixed_precision.value,
