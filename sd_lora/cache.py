@@ -128,14 +128,29 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
     return tensors
 
 
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN/Inf."""
+    return [name for name, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 def load_or_build(path: Path, build) -> dict[str, torch.Tensor]:
     """Read the cache file at `path`, or build it with `build()` and write it atomically."""
     from safetensors.torch import load_file
 
     if path.is_file():
         log.info("using cached latents and text embeddings: %s", path)
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        bad = nonfinite(tensors)
+        if bad:
+            raise UserError(f"the embedding cache {path} holds NaN/Inf ({', '.join(bad)}), so every step would too; "
+                            f"delete the file to have it built again")
+        return tensors
     tensors = build()
+    bad = nonfinite(tensors)
+    if bad:  # not written: the next run would read it back
+        raise UserError(f"encoding the data set for the embedding cache gave NaN/Inf ({', '.join(bad)}), before "
+                        f"any training: the VAE or text encoder overflows in this precision; use precision=bf16 or "
+                        f"precision=fp32 (or dataset.cache=false)")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, path)  # a cache shared by a team (dataset.cache_dir on a shared file system)
     log.info("cached latents and text embeddings of %d samples: %s", len(tensors["latent_mean"]), path)

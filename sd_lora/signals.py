@@ -8,6 +8,9 @@ process at once, as the signal's default action would have.
 
 Under several processes the ranks must stop at the same step (the checkpoint is a collective call), so there the
 flags are combined at the logging steps (`trainer.log_every_n_steps`), where the loop reads the device anyway.
+Workers started by sd_lora itself (torch elastic) get SIGTERM/SIGINT from the launcher, which waits 30 s before
+it kills them: keep log_every_n_steps x step time below that. SIGUSR1 is left to the workers (SLURM signals
+every process of a job step); the launcher ignores it.
 """
 
 from __future__ import annotations

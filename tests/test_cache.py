@@ -463,6 +463,23 @@ def test_the_tiny_model_cache_and_the_datasets_cache_follow_the_umask_and_sd_lor
     assert any((tmp_path / "hf").rglob("*.arrow"))
 
 
+def test_nan_in_the_cache_is_named_as_such_not_blamed_on_the_learning_rate(tmp_path):
+    def with_nan():
+        tensors = small_tensors()
+        tensors["latent_mean"][1, 0, 0, 0, 0] = float("nan")
+        return tensors
+
+    path = tmp_path / "abc.safetensors"
+    with pytest.raises(UserError, match=r"gave NaN/Inf \(latent_mean\), before any training.*precision=bf16"):
+        load_or_build(path, with_nan)
+    assert not path.exists()  # not written
+    from safetensors.torch import save_file
+
+    save_file(with_nan(), str(path))  # damaged on disk, or written by an older sd_lora
+    with pytest.raises(UserError, match=f"the embedding cache {path} holds NaN/Inf \\(latent_mean\\).*delete the file"):
+        load_or_build(path, small_tensors)
+
+
 def test_load_or_build_leaves_no_file_when_the_build_fails(tmp_path):
     path = tmp_path / "abc.safetensors"
 
