@@ -182,6 +182,8 @@ def test_sigterm_saves_a_checkpoint_and_the_report_and_the_resume_ends_bit_ident
     assert f"resumed from {run / 'checkpoints' / f'checkpoint-{step}'} at step {step}" in resume(run)
     assert_same_end_state(run, reference)
     assert not (run / "sd_lora.lock").exists()  # released by both runs
+    provenance = json.loads((run / "provenance.json").read_text())  # the run's two segments
+    assert provenance["from_step"] == step and [p["from_step"] for p in provenance["earlier"]] == [0]
 
 
 def test_a_second_signal_ends_the_process_at_once(tmp_path):
