@@ -19,6 +19,7 @@ from sd_lora.cli import command_line_problem
 from sd_lora.distributed import run, strip_local_rank_argument
 from sd_lora.sweep import objective, record_failure
 from sd_lora.errors import UserError, user_message
+from sd_lora.signals import PREEMPTED_EXIT_STATUS, Preempted
 
 log = logging.getLogger("sd_lora")
 
@@ -29,6 +30,9 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = hydra_cfg.runtime.output_dir
     try:
         report = run(_config.to_config(cfg), run_dir)
+    except Preempted as exc:  # a sweep's job too: the machine is being taken away
+        log.warning("%s", exc)
+        sys.exit(PREEMPTED_EXIT_STATUS)
     except Exception as exc:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             if isinstance(exc, UserError):

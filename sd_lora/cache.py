@@ -31,7 +31,7 @@ from sd_lora.files import save_safetensors
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the layout of a cache file changes
+CACHE_FORMAT = 2  # bump when the layout of a cache file, or how its images are decoded, changes (2: 16-bit, alpha)
 
 
 def cache_key(model_cfg: ModelConfig, model_path: Path, comps: Components, table, cfg: DatasetConfig,
@@ -57,6 +57,7 @@ def cache_key(model_cfg: ModelConfig, model_path: Path, comps: Components, table
         "center_crop": cfg.center_crop,
         "random_flip": cfg.random_flip,
         "max_train_samples": cfg.max_train_samples,
+        "alpha": cfg.alpha.value,
     }
     if cfg.on_bad_image is OnFailure.skip:  # a cache without the bad rows must not serve a run that would stop on them
         parts["on_bad_image"] = cfg.on_bad_image.value
@@ -92,7 +93,7 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
         images, captions = [], []
         for offset, (cell, caption) in enumerate(zip(rows[cfg.image_column], rows[cfg.caption_column])):
             index = start + offset
-            image = decode_or_skip(cell, index, cfg.on_bad_image, "left out of the cache")
+            image = decode_or_skip(cell, index, cfg.on_bad_image, "left out of the cache", alpha=cfg.alpha)
             if image is None:
                 skipped.append(index)
                 continue
@@ -138,14 +139,29 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
     return tensors
 
 
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN/Inf."""
+    return [name for name, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 def load_or_build(path: Path, build) -> dict[str, torch.Tensor]:
     """Read the cache file at `path`, or build it with `build()` and write it atomically."""
     from safetensors.torch import load_file
 
     if path.is_file():
         log.info("using cached latents and text embeddings: %s", path)
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        bad = nonfinite(tensors)
+        if bad:
+            raise UserError(f"the embedding cache {path} holds NaN/Inf ({', '.join(bad)}), so every step would too; "
+                            f"delete the file to have it built again")
+        return tensors
     tensors = build()
+    bad = nonfinite(tensors)
+    if bad:  # not written: the next run would read it back
+        raise UserError(f"encoding the data set for the embedding cache gave NaN/Inf ({', '.join(bad)}), before "
+                        f"any training: the VAE or text encoder overflows in this precision; use precision=bf16 or "
+                        f"precision=fp32 (or dataset.cache=false)")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, path)  # a cache shared by a team (dataset.cache_dir on a shared file system)
     log.info("cached latents and text embeddings of %d samples: %s", len(tensors["latent_mean"]), path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sd_lora.config import Config, global_batch_size
 from sd_lora.errors import UserError
-from sd_lora.files import save_safetensors
+from sd_lora.files import save_safetensors, writing
 from sd_lora.model import LORA_WEIGHT_NAME, lora_state_dict, peft_state_dict
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,15 @@ class RunState:
     nonfinite_skipped_steps: int = 0  # steps left out for a NaN/Inf loss (trainer.on_nonfinite_loss=skip)
     grad_scaler_skipped_steps: int = 0  # fp16: steps the grad scaler skipped on an overflow (normal, not an error)
     skipped_image_rows: set = field(default_factory=set)  # rows whose image cannot be decoded (dataset.on_bad_image=skip)
+    long_captions: int = 0  # training rows with a caption the tokenizer cuts (data.long_captions), counted at the start
     resumed_from: str | None = None
     start_step: int = 0  # the step this process started from (a resumed checkpoint's)
     max_train_steps: int | None = None  # the run's length, kept in each checkpoint (finished_run reads it)
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run fits (see run_fingerprint)
     guard: object = None  # the run's guard.NonFiniteGuard
+    losses: object = None  # [sum, count] of the finite losses since the last logged one, on the device (kept in checkpoints)
+    stopped_by: str | None = None  # the signal that stopped the run before its end (signals.StopRequest)
+    saved_step: int | None = None  # the step of the checkpoint this process saved last
 
 
 def checkpoint_lora_file(prefix: str) -> str:
@@ -101,6 +105,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def last_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that is complete and intact (its manifest verified); its weights were checked finite
+    before it was written."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if (path / CHECKPOINT_META).is_file() and damage(path) is None:
+            return path
+    return None
+
+
 def _remove(path: Path) -> None:
     """Delete a checkpoint folder so that a kill midway leaves no partial checkpoint-<step> behind."""
     doomed = path.with_name(f".old-{path.name}")
@@ -128,46 +141,138 @@ def save_checkpoint(accelerator, cfg: Config, run_dir: Path, state: RunState) ->
     Everything goes into checkpoints/.tmp-checkpoint-<step>, which is renamed to checkpoint-<step>
     once complete and flushed (a rename inside one folder is atomic): a kill at any moment leaves the
     new checkpoint whole or absent, and `latest` (the highest checkpoint-<step>) is always whole.
-    Older checkpoints are removed only after that rename. Called by every process (collective).
+    Its sd_lora_checkpoint.json lists every file's size and sha256, so that a resume notices a file
+    damaged since. Older checkpoints are removed only after that rename; a write that fails (a full
+    disk) leaves them too, and says so in one message. Called by every process (collective).
     """
     from accelerate.utils import gather_object
 
-    state.guard.check()  # never save weights that a NaN/Inf has reached
+    state.guard.check(state.global_step)  # never save weights that a NaN/Inf has reached
     root = checkpoint_dir(run_dir)
     target, tmp = root / f"checkpoint-{state.global_step}", root / f".tmp-checkpoint-{state.global_step}"
+    earlier = list_checkpoints(run_dir)
+    kept = f"The previous checkpoint {earlier[-1]} is kept" if earlier else "No earlier checkpoint was saved"
+    try:
+        with writing(tmp, "the checkpoint", kept):
+            if accelerator.is_main_process:
+                for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".old-checkpoint-*")]:  # from a killed run
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp))
+            state.skipped_image_rows = set().union(*gather_object([sorted(state.skipped_image_rows)]))
+            state.grad_scaler_skipped_steps += state.guard.take_scaler_skips()
+            losses = (None if state.losses is None  # all processes' sums; a sync, where the save waits anyway
+                      else accelerator.reduce(state.losses.clone(), reduction="sum").tolist())
+            accelerator.wait_for_everyone()  # every process has written its part (random_states_<rank>.pkl)
+            if accelerator.is_main_process:
+                # Test hook: tests/test_checkpoints.py kills the run here, with the checkpoint half written.
+                if os.environ.get("SD_LORA_TEST_PAUSE_IN_CHECKPOINT") == str(state.global_step):
+                    time.sleep(600)
+                meta = {"format": 2, "step": state.global_step, "fingerprint": state.fingerprint,
+                        "max_train_steps": state.max_train_steps,
+                        "trainer.max_train_steps": cfg.trainer.max_train_steps,
+                        "trainer.num_train_epochs": cfg.trainer.num_train_epochs,
+                        "dataset.drop_last": cfg.dataset.drop_last,
+                        "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
+                        "grad_scaler_skipped_steps": state.grad_scaler_skipped_steps,
+                        "skipped_image_rows": sorted(state.skipped_image_rows),
+                        "last_loss": state.last_loss, "validation_loss": state.validation_loss,
+                        "validation_loss_step": state.validation_loss_step,
+                        "losses_since_last_log": losses,  # [sum, count]: the next logged loss covers them too
+                        "settings": result_settings(cfg),
+                        "manifest": manifest(tmp)}
+                (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
+                for file in tmp.rglob("*"):  # on disk before the rename, so that it also survives a power cut
+                    if file.is_file():
+                        _fsync(file)
+                if target.exists():  # saved again, by a run resumed from an earlier checkpoint: the new one wins
+                    _remove(target)
+                tmp.rename(target)
+                _fsync(root)
+    except UserError:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".old-checkpoint-*")]:  # from a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    state.skipped_image_rows = set().union(*gather_object([sorted(state.skipped_image_rows)]))
-    state.grad_scaler_skipped_steps += state.guard.take_scaler_skips()
-    accelerator.wait_for_everyone()  # every process has written its part (random_states_<rank>.pkl)
-    if accelerator.is_main_process:
-        # Test hook: tests/test_checkpoints.py kills the run here, with the checkpoint half written.
-        if os.environ.get("SD_LORA_TEST_PAUSE_IN_CHECKPOINT") == str(state.global_step):
-            time.sleep(600)
-        meta = {"format": 1, "step": state.global_step, "fingerprint": state.fingerprint,
-                "max_train_steps": state.max_train_steps, "trainer.max_train_steps": cfg.trainer.max_train_steps,
-                "trainer.num_train_epochs": cfg.trainer.num_train_epochs, "dataset.drop_last": cfg.dataset.drop_last,
-                "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
-                "grad_scaler_skipped_steps": state.grad_scaler_skipped_steps,
-                "skipped_image_rows": sorted(state.skipped_image_rows)}
-        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
-        for file in tmp.rglob("*"):  # on disk before the rename, so that it also survives a power cut
-            if file.is_file():
-                _fsync(file)
-        if target.exists():  # saved again, by a run resumed from an earlier checkpoint: the new one wins
-            _remove(target)
-        tmp.rename(target)
-        _fsync(root)
         if cfg.trainer.checkpoints_total_limit is not None:
             for old in list_checkpoints(run_dir)[: -cfg.trainer.checkpoints_total_limit]:
                 _remove(old)
         log.info("checkpoint saved: %s", target)
     accelerator.wait_for_everyone()
+    state.saved_step = state.global_step
     return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict:
+    """Every file of a checkpoint folder (but its sd_lora_checkpoint.json): size in bytes and sha256."""
+    return {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != CHECKPOINT_META}
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's sd_lora_checkpoint.json ({} for one made before sd_lora wrote it)."""
+    file = path / CHECKPOINT_META
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint folder `path` against its manifest, or None when it is intact.
+    (A checkpoint made before manifests were written is taken as intact.)"""
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as exc:
+        return f"{path / CHECKPOINT_META} cannot be read ({type(exc).__name__}: {exc})"
+    for name, want in meta.get("manifest", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != want["size"]:
+            return f"{file} is {size} bytes, {want['size']} when it was saved (cut short or overwritten)"
+        if _sha256(file) != want["sha256"]:
+            return f"{file} differs from what was saved (its sha256 does not match: damaged on disk or overwritten)"
+    return None
+
+
+# Settings that change the trained result, kept in each checkpoint. A resume with another value either applies
+# it on purpose (and logs it) or refuses it naming the key; none is dropped silently.
+APPLIED_ON_RESUME = ("optimizer.lr", "optimizer.text_encoder_lr", "optimizer.scale_lr", "optimizer.betas", "optimizer.weight_decay",
+                     "optimizer.eps", "optimizer.max_grad_norm", "trainer.snr_gamma", "trainer.noise_offset",
+                     "trainer.train_batch_size", "trainer.gradient_accumulation_steps")
+REFUSED_ON_RESUME = {  # key -> why it cannot change inside a run
+    "trainer.seed": "every random draw of the run (noise, timesteps, crops, the data order) derives from it",
+    "precision.mixed_precision": "the checkpoint's optimizer and grad-scaler state belong to its precision",
+    "optimizer.lr_scheduler": "the checkpoint's schedule is half run",
+    "optimizer.lr_warmup_steps": "the checkpoint's schedule is half run",
+}
+
+
+def result_settings(cfg: Config) -> dict:
+    """The values of APPLIED_ON_RESUME and REFUSED_ON_RESUME in `cfg`, by dotted key, as JSON would hold them."""
+    from enum import Enum
+
+    def value(key):
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node.value if isinstance(node, Enum) else list(node) if isinstance(node, (list, tuple)) else node
+
+    return {key: value(key) for key in (*APPLIED_ON_RESUME, *REFUSED_ON_RESUME)}
+
+
+def changed_settings(cfg: Config, meta: dict) -> dict:
+    """key -> (value in the checkpoint, value now), for the result settings that differ."""
+    saved, now = meta.get("settings", {}), result_settings(cfg)
+    return {key: (saved[key], now[key]) for key in now if key in saved and saved[key] != now[key]}
 
 
 # Fingerprint keys a checkpoint must match to be resumed, with what the message calls them. The model is
@@ -218,21 +323,42 @@ def run_fingerprint(cfg: Config, model_path: Path, table, num_processes: int) ->
 
 
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint `trainer.resume_from_checkpoint` names, or None to start fresh."""
+    """The checkpoint `trainer.resume_from_checkpoint` names, checked against its manifest; None to start fresh.
+
+    `latest` is the highest checkpoint-<step>; a damaged one is refused, naming the file and the newest intact one.
+    `latest_valid` takes the newest intact one, saying which damaged ones it passed over."""
     value = cfg.trainer.resume_from_checkpoint
     if not value:
         return None
-    if value == "latest":
+    if value in ("latest", "latest_valid"):
         found = list_checkpoints(Path(run_dir))
         if not found:
-            log.warning("trainer.resume_from_checkpoint=latest: no checkpoint in %s; starting fresh",
+            log.warning("trainer.resume_from_checkpoint=%s: no checkpoint in %s; starting fresh", value,
                         checkpoint_dir(Path(run_dir)))
             return None
-        return found[-1]
+        for path in reversed(found):
+            wrong = damage(path)
+            if wrong is None:
+                return path
+            if value == "latest":
+                good = last_good_checkpoint(Path(run_dir))
+                offer = (f"the newest intact checkpoint is {good}: resume from it with "
+                         f"trainer.resume_from_checkpoint=latest_valid" if good else
+                         "no intact checkpoint is left: start afresh in a new run directory (hydra.run.dir)")
+                raise UserError(f"trainer.resume_from_checkpoint=latest: checkpoint {path} is damaged: {wrong}; "
+                                f"{offer}")
+            log.warning("trainer.resume_from_checkpoint=latest_valid: passing over checkpoint %s: %s", path, wrong)
+        log.warning("trainer.resume_from_checkpoint=latest_valid: no intact checkpoint in %s; starting fresh",
+                    checkpoint_dir(Path(run_dir)))
+        return None
     path = Path(value)
     if not path.is_dir() or not CHECKPOINT_RE.match(path.name):
         raise UserError(f"trainer.resume_from_checkpoint={value!r}: no checkpoint folder checkpoint-<step> at "
-                        f"{path.resolve()}; give such a folder or 'latest'")
+                        f"{path.resolve()}; give such a folder, 'latest' or 'latest_valid'")
+    wrong = damage(path)
+    if wrong is not None:
+        raise UserError(f"trainer.resume_from_checkpoint={value!r}: checkpoint {path} is damaged: {wrong}; give an "
+                        f"earlier one, or trainer.resume_from_checkpoint=latest_valid for the newest intact one")
     return path
 
 
@@ -246,7 +372,7 @@ def check_resume(cfg: Config, run_dir: Path, fingerprint: dict) -> Path | None:
         log.warning("checkpoint %s has no %s (made by an older sd_lora): not checked against this run",
                     path, CHECKPOINT_META)
         return path
-    saved = json.loads(meta_file.read_text()).get("fingerprint", {})
+    saved = read_meta(path).get("fingerprint", {})
     differ = [key for key in FINGERPRINT_KEYS if key in saved and saved[key] != fingerprint[key]]
     if differ:
         def shown(fp: dict, key: str):  # the model's fingerprint is a hash: show its folder instead
@@ -257,6 +383,12 @@ def check_resume(cfg: Config, run_dir: Path, fingerprint: dict) -> Path | None:
         raise UserError(f"trainer.resume_from_checkpoint: {path} does not fit this run; " + "; ".join(parts)
                         + ". Resume with the settings the checkpoint was made with, or start a new run in another "
                           "run directory (hydra.run.dir)")
+    refused = {key: was for key, was in changed_settings(cfg, read_meta(path)).items() if key in REFUSED_ON_RESUME}
+    if refused:
+        raise UserError(f"trainer.resume_from_checkpoint: {path} was made with other settings; " + "; ".join(
+            f"{key}: {old!r} in the checkpoint, {new!r} now ({REFUSED_ON_RESUME[key]})"
+            for key, (old, new) in refused.items()) + ". Resume with the checkpoint's values, or start a new run in "
+            "another run directory (hydra.run.dir)")
     for key, why in (("model_path", "the model folder moved; its content is the same"),
                      ("global_batch_size", "the position inside the epoch is taken from the step count, so some "
                                            "samples of this epoch are seen twice or not at all")):
@@ -280,7 +412,7 @@ def finished_run(cfg: Config, path: Path, fingerprint: dict) -> bool:
     step = int(CHECKPOINT_RE.match(path.name).group(1))
     if cfg.trainer.max_train_steps:
         return step >= cfg.trainer.max_train_steps
-    meta = json.loads((path / CHECKPOINT_META).read_text()) if (path / CHECKPOINT_META).is_file() else {}
+    meta = read_meta(path)
     recorded, saved = meta.get("max_train_steps"), meta.get("fingerprint", {})
     same_length = (meta.get("trainer.max_train_steps") is None
                    and meta.get("trainer.num_train_epochs") == cfg.trainer.num_train_epochs
@@ -289,15 +421,55 @@ def finished_run(cfg: Config, path: Path, fingerprint: dict) -> bool:
     return recorded is not None and step >= recorded and same_length
 
 
-def resume(accelerator, cfg: Config, path: Path, steps_per_epoch: int) -> RunState:
-    """Load a checkpoint (LoRA, optimizer, lr schedule, RNG, accumulation counter) and where the run was."""
-    accelerator.load_state(str(path))
+def resume(accelerator, cfg: Config, path: Path, steps_per_epoch: int, optimizer=None, lr_scheduler=None) -> RunState:
+    """Load a checkpoint (LoRA, optimizer, lr schedule, RNG, accumulation counter) and where the run was; apply
+    the result settings that changed since (logged, one line each)."""
+    import torch
+
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, EOFError, RuntimeError, ValueError) as exc:  # an older checkpoint without a manifest
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc}); resume from an earlier "
+                        f"one (trainer.resume_from_checkpoint=<its folder>) or start afresh") from None
     step = int(CHECKPOINT_RE.match(path.name).group(1))
-    meta = json.loads((path / CHECKPOINT_META).read_text()) if (path / CHECKPOINT_META).is_file() else {}
+    meta = read_meta(path)
     log.info("resumed from %s at step %d", path, step)
+    if optimizer is not None:
+        apply_changed_settings(cfg, meta, optimizer, lr_scheduler, accelerator.num_processes)
     consumed = step * cfg.trainer.gradient_accumulation_steps
     batches_per_epoch = steps_per_epoch * cfg.trainer.gradient_accumulation_steps
+    losses = torch.zeros(2, device=accelerator.device)
+    if meta.get("losses_since_last_log") and accelerator.is_main_process:  # the sums of all processes, held once
+        losses += torch.tensor(meta["losses_since_last_log"], device=accelerator.device)
     return RunState(global_step=step, start_step=step, first_epoch=step // steps_per_epoch, resume_batches=consumed % batches_per_epoch,
                     resumed_from=str(path), nonfinite_skipped_steps=meta.get("nonfinite_skipped_steps", 0),
                     grad_scaler_skipped_steps=meta.get("grad_scaler_skipped_steps", 0),
-                    skipped_image_rows=set(meta.get("skipped_image_rows", [])))
+                    skipped_image_rows=set(meta.get("skipped_image_rows", [])), last_loss=meta.get("last_loss"),
+                    validation_loss=meta.get("validation_loss"), validation_loss_step=meta.get("validation_loss_step"),
+                    losses=losses)
+
+
+def apply_changed_settings(cfg: Config, meta: dict, optimizer, lr_scheduler, num_processes: int) -> None:
+    """The optimizer settings that differ from the checkpoint's, put into the optimizer and the schedule that
+    load_state has just brought back with the old ones (the rest are read from the config at each step)."""
+    changed = changed_settings(cfg, meta)
+    o = cfg.optimizer
+    if {"optimizer.lr", "optimizer.text_encoder_lr", "optimizer.scale_lr"} & set(changed):
+        from sd_lora.optim import param_groups
+
+        scale = global_batch_size(cfg, num_processes) if o.scale_lr else 1
+        # the groups' peaks as optim.param_groups makes them: the U-Net's first, then the text encoders'
+        peaks = [g["lr"] for g in param_groups(cfg, {"unet": [], **{f"text_{i}": [] for i in
+                                                                     range(len(optimizer.param_groups) - 1)}}, scale)]
+        schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+        for i, (group, base) in enumerate(zip(optimizer.param_groups, peaks)):
+            old = schedule.base_lrs[i]
+            group["lr"] = group["lr"] * base / old  # the schedule's factor at this step, on the new peak
+            group["initial_lr"] = schedule.base_lrs[i] = base
+        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    for key, (old, new) in changed.items():
+        log.warning("resumed with %s changed %s -> %s", key, old, new)

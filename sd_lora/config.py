@@ -12,6 +12,7 @@ unknown key fails in Hydra with its own message. Cross-field and range checks ra
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -92,6 +93,14 @@ class OnFailure(Enum):
 
     error = "error"  # stop with one message naming the row / step and the likely fix
     skip = "skip"  # leave it out, log it and count it in report.json
+
+
+class Alpha(Enum):
+    """What a transparent image (RGBA, LA, a palette with transparency) trains on: the model sees no alpha."""
+
+    white = "white"  # composited on white, as a viewer shows it
+    black = "black"  # composited on black
+    ignore = "ignore"  # alpha dropped: the colours of transparent pixels as stored (often hidden garbage)
 
 
 def _check(ok: bool, key: str, value, fix: str) -> None:
@@ -192,6 +201,7 @@ class DatasetConfig:
     cache: bool = False  # encode every image (and its mirror image) and caption once; the VAE and text encoder then leave the accelerator
     cache_dir: Optional[str] = None  # where caches are kept; null = $SD_LORA_CACHE/embeddings
     on_bad_image: OnFailure = OnFailure.error  # an image that cannot be decoded: error, or skip (the next good row takes its place)
+    alpha: Alpha = Alpha.white  # transparent images: composited on white, on black, or ignore (alpha dropped)
 
     def __post_init__(self):
         _check(
@@ -228,23 +238,28 @@ class OptimizerConfig:
     text_encoder_lr: Optional[float] = None  # model.lora.train_text_encoder: the text encoder LoRA's lr; null = lr
 
     def __post_init__(self):
-        _check(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate such as 1e-4")
-        _check(self.text_encoder_lr is None or self.text_encoder_lr > 0, "optimizer.text_encoder_lr",
-               self.text_encoder_lr, "use a positive learning rate such as 5e-5, or null for optimizer.lr")
+        # every number the optimizer computes with is finite: inf or NaN here would reach every LoRA weight
+        _check(math.isfinite(self.lr) and self.lr > 0, "optimizer.lr", self.lr,
+               "use a positive, finite learning rate such as 1e-4")
+        _check(self.text_encoder_lr is None or (math.isfinite(self.text_encoder_lr) and self.text_encoder_lr > 0),
+               "optimizer.text_encoder_lr", self.text_encoder_lr,
+               "use a positive, finite learning rate such as 5e-5, or null for optimizer.lr")
         _check(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             "optimizer.betas",
             list(self.betas),
             "give two numbers in [0, 1), e.g. [0.9,0.999]",
         )
-        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "use 0 or more")
-        _check(self.eps > 0, "optimizer.eps", self.eps, "use a small positive number such as 1e-8")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay",
+               self.weight_decay, "use a finite number, 0 or more")
+        _check(math.isfinite(self.eps) and self.eps > 0, "optimizer.eps", self.eps,
+               "use a small positive number such as 1e-8")
         _check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", self.lr_warmup_steps, "use 0 or more")
         _check(
-            self.max_grad_norm is None or self.max_grad_norm > 0,
+            self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
             "optimizer.max_grad_norm",
             self.max_grad_norm,
-            "use a positive norm, or null to turn clipping off",
+            "use a positive, finite norm, or null to turn clipping off",
         )
 
 
@@ -279,7 +294,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False  # recompute U-Net activations in backward: less memory, ~40% slower
     checkpointing_steps: Optional[int] = 500  # save a resumable checkpoint every N optimizer steps (and always at the end); null = only at the end
     checkpoints_total_limit: Optional[int] = None  # keep at most N checkpoints; null = all
-    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    resume_from_checkpoint: Optional[str] = None  # "latest", "latest_valid" (the newest intact one, passing over damaged ones) or a checkpoint folder
     validation_prompts: List[str] = field(default_factory=list)  # prompts rendered to samples/ and tensorboard
     validation_epochs: int = 1  # render validation prompts every N epochs and at the end
     num_validation_images: int = 4  # images per validation prompt

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd_lora.config import DatasetConfig, OnFailure
+from sd_lora.config import Alpha, DatasetConfig, OnFailure, cache_dir
 from sd_lora.errors import UserError
 from sd_lora.hub import resolve_local
 
@@ -113,7 +113,7 @@ def _read_split(cfg: DatasetConfig, split: str):
                 raise UserError(f"dataset.split={split!r}: the saved data set at {path} is a single split "
                                 f"({table.split or 'train'}); set dataset.split={table.split or 'train'}")
         else:
-            table = _pick_split(datasets.load_dataset(str(path)), split, path)
+            table = _pick_split(datasets.load_dataset(str(path), cache_dir=datasets_cache_dir()), split, path)
     except UserError:
         raise
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
@@ -132,14 +132,20 @@ def _read_split(cfg: DatasetConfig, split: str):
     return table
 
 
+def datasets_cache_dir() -> str:
+    """Where 🤗 datasets keeps the tables it prepares: $HF_DATASETS_CACHE if set, else $SD_LORA_CACHE/datasets
+    (with the rest of sd_lora's caches, not in ~/.cache/huggingface)."""
+    return os.environ.get("HF_DATASETS_CACHE") or str(cache_dir() / "datasets")
+
+
 def _pick_split(tables, split: str, path: Path):
     if split not in tables:
         raise UserError(f"dataset.split={split!r} is not in the data set at {path}; it has {list(tables)}")
     return tables[split]
 
 
-def decode_image(value, where: str) -> Image.Image:
-    """A datasets image cell (bytes/path dict, PIL image or file path) -> RGB PIL image."""
+def decode_image(value, where: str, alpha: Alpha = Alpha.white) -> Image.Image:
+    """A datasets image cell (bytes/path dict, PIL image or file path) -> 8-bit RGB PIL image (see to_rgb)."""
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -151,9 +157,30 @@ def decode_image(value, where: str) -> Image.Image:
             image = Image.open(value)
         else:
             raise ValueError(f"unsupported image cell of type {type(value).__name__}")
-        return image.convert("RGB")
+        return to_rgb(image, alpha)
     except Exception as exc:  # PIL raises many types for broken files
         raise UserError(f"{where}: the image cannot be decoded ({type(exc).__name__}: {exc}); fix or remove it") from None
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # a 16-bit grayscale PNG opens as one of these
+
+
+def to_rgb(image: Image.Image, alpha: Alpha = Alpha.white) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, as a viewer shows it.
+
+    PIL's convert("RGB") clamps 16-bit values to 255 (a 16-bit grayscale PNG becomes white): they are scaled
+    to 8 bits instead. Transparency (RGBA, LA, PA, a palette's or a colour's transparency entry) is composited
+    on white or black (`dataset.alpha`); convert("RGB") alone would keep the hidden colours of transparent
+    pixels. Palette and CMYK images go through PIL's conversions."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        levels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.round(levels), 0, 255).astype(np.uint8), "L")
+    transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not transparent or alpha is Alpha.ignore:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if alpha is Alpha.white else (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def _image_where(value, index: int) -> str:
@@ -161,12 +188,13 @@ def _image_where(value, index: int) -> str:
     return f"data set row {index}" + (f" (file {path})" if path else "")
 
 
-def decode_or_skip(cell, index: int, on_bad_image: OnFailure, skipped_means: str, where: str = "") -> Image.Image | None:
+def decode_or_skip(cell, index: int, on_bad_image: OnFailure, skipped_means: str, where: str = "",
+                   alpha: Alpha = Alpha.white) -> Image.Image | None:
     """The row's image; or, when it cannot be decoded, None under `dataset.on_bad_image=skip` (with a warning
     that ends in `skipped_means`, e.g. "left out of the cache") and the UserError naming row and file otherwise.
     The training rows, the embedding cache and the held-out rows all decide this way."""
     try:
-        return decode_image(cell, where + _image_where(cell, index))
+        return decode_image(cell, where + _image_where(cell, index), alpha)
     except UserError as exc:
         if on_bad_image is not OnFailure.skip:
             raise
@@ -213,6 +241,28 @@ def size_conditioning(original: tuple[int, int], crop_top_left: tuple[int, int],
     """A sample's sizes as tensors (see train_transform's `geometry`)."""
     return {"original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop_top_left),
             "target_size": torch.tensor((resolution, resolution))}
+
+
+def long_captions(table, cfg: DatasetConfig, tokenizers) -> list[int]:
+    """The training rows with a caption longer than a tokenizer's limit (CLIP's 77 tokens), which training cuts
+    to that limit; warned about once, listing the first rows. Read once, at the start."""
+    values = table[cfg.caption_column]
+    flat, owner = [], []
+    for index, value in enumerate(values):
+        for caption in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(caption, str):
+                flat.append(caption)
+                owner.append(index)
+    rows, limit = set(), None
+    for tokenizer in tokenizers:
+        limit = tokenizer.model_max_length
+        lengths = tokenizer(flat, truncation=False, verbose=False)["input_ids"]
+        rows.update(owner[i] for i, ids in enumerate(lengths) if len(ids) > limit)
+    if rows:
+        log.warning("%d of %d training rows have a caption longer than the text encoder's %d tokens; training sees "
+                    "only its first %d tokens (rows %s%s); put what matters first, or shorten them", len(rows),
+                    len(values), limit, limit, sorted(rows)[:10], " ..." if len(rows) > 10 else "")
+    return sorted(rows)
 
 
 def pick_caption(value, index: int, column: str, generator: torch.Generator | None = None) -> str:
@@ -272,7 +322,7 @@ class CaptionedImages(torch.utils.data.Dataset):
             row_index = (index + len(skipped)) % len(self.table)
             row = self.table[row_index]
             image = decode_or_skip(row[self.cfg.image_column], row_index, self.cfg.on_bad_image,
-                                   "skipped, the next row takes its place")
+                                   "skipped, the next row takes its place", alpha=self.cfg.alpha)
             if image is not None:
                 break
             skipped.append(row_index)

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sd_lora.files import plain_modes
+
 TINY_MODEL_VERSION = 1  # bump when the architecture below changes: the cache key includes it
 
 COLOURS = {
@@ -152,6 +154,7 @@ def ensure_tiny_model(root: Path, family: str = "sd") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
         build().save_pretrained(tmp)
+        plain_modes(tmp)  # mkdtemp made it 0700: a shared $SD_LORA_CACHE would be unreadable to the rest
         try:
             tmp.rename(target)  # atomic: a concurrent builder either wins or finds ours
         except OSError:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 from sd_lora.config import Config
 from sd_lora.errors import UserError
+from sd_lora.signals import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +93,19 @@ def launch_workers(cfg: Config, run_dir: str) -> dict | None:
                           run_id=f"sd_lora_{Path(run_dir).name}", max_restarts=0, start_method="spawn", **rdzv)
     log.info("starting %d worker process(es) on this machine (%d in all, machine %d of %d)",
              per_machine, d.num_processes, d.machine_rank, d.num_machines)
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # SLURM's --signal reaches the workers too; they stop
     try:
         results = elastic_launch(config, _worker)(cfg, run_dir)
     except ChildFailedError as exc:
         failure = next(iter(exc.failures.values()))
         message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         raise UserError(f"a worker process failed: {str(message).strip().splitlines()[-1] if message else exc}") from None
-    return results.get(0)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    first = results.get(0)
+    if isinstance(first, dict) and "preempted" in first:  # the workers stopped on a signal, with a checkpoint
+        raise Preempted(*first["preempted"])
+    return first
 
 
 def run(cfg: Config, run_dir: str) -> dict | None:
@@ -133,4 +141,7 @@ def _worker(cfg: Config, run_dir: str):
         handlers.append(logging.FileHandler(Path(run_dir) / "launch.log"))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s")
-    return train(cfg, run_dir)
+    try:
+        return train(cfg, run_dir)
+    except Preempted as exc:  # not a failed worker: the launcher raises it again
+        return {"preempted": [exc.signame, exc.step, str(exc.checkpoint)]}

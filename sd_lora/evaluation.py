@@ -61,7 +61,8 @@ def build_validation_set(table, cfg_dataset, encode_captions, vae, noise_schedul
     for index in range(len(table)):
         row = table[index]
         cell = row[cfg_dataset.image_column]
-        image = decode_or_skip(cell, index, cfg_dataset.on_bad_image, "left out of the validation loss", "held-out ")
+        image = decode_or_skip(cell, index, cfg_dataset.on_bad_image, "left out of the validation loss", "held-out ",
+                               alpha=cfg_dataset.alpha)
         if image is None:
             skipped.append(index)
             continue

@@ -1,4 +1,5 @@
-"""The non-finite guard: NaN/Inf in a step's loss or LoRA gradients, and the fp16 grad scaler's skipped steps."""
+"""The non-finite guard: NaN/Inf in a step's loss or LoRA gradients, in the LoRA weights before anything is
+written from them, and the fp16 grad scaler's skipped steps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.checkpoints import RunState, list_checkpoints
+from sd_lora.checkpoints import RunState, last_good_checkpoint
 from sd_lora.config import Config, MixedPrecision, OnFailure
 from sd_lora.errors import UserError
 
@@ -25,10 +26,13 @@ class NonFiniteGuard:
     (and one all-gather, so that every process decides alike) per optimizer step.
     Under fp16 the grad scaler owns non-finite gradients (it skips the step and lowers its scale, which
     is normal), so there only the loss counts; the steps the scaler skips are counted, on the device too.
+    The loss and gradients can be finite while the update overflows (a huge lr or weight decay), so `check`,
+    which runs before every checkpoint and before the LoRA file, also checks the LoRA weights themselves,
+    under both policies: nothing with a NaN/Inf in it is ever written.
     """
 
-    def __init__(self, cfg: Config, accelerator, run_dir: Path):
-        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
+    def __init__(self, cfg: Config, accelerator, run_dir: Path, params: list[torch.nn.Parameter] = ()):
+        self.cfg, self.accelerator, self.run_dir, self.params = cfg, accelerator, run_dir, list(params)
         self.skip = cfg.trainer.on_nonfinite_loss is OnFailure.skip
         self.bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # in the current optimizer step
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
@@ -77,21 +81,37 @@ class NonFiniteGuard:
         # are not finite, and skipping the call would leave its unscale_ bookkeeping half done
         return bad and self.accelerator.scaler is None
 
-    def check(self) -> None:
-        """Raise if an optimizer step had a NaN/Inf (error policy). A host sync, and a collective call."""
-        if self.skip:
-            return
-        steps = [s for s in self.accelerator.gather(self.first_bad_step.reshape(1)).tolist() if s >= 0]
-        if not steps:
-            return
+    def weights_finite(self) -> bool:
+        """Whether every LoRA weight is finite, on every process (a host sync, and a collective call)."""
+        if not self.params:
+            return True
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all()
+        return bool(self.accelerator.gather(finite.reshape(1)).all())
+
+    def cause(self) -> str:
         lr = self.cfg.optimizer.lr
         if self.cfg.precision.mixed_precision is MixedPrecision.fp16:
-            cause = f"fp16 overflow is the likely cause: use precision=bf16, or a lower optimizer.lr (now {lr})"
-        else:
-            cause = f"a learning rate too high for this model is the likely cause: lower optimizer.lr (now {lr})"
-        found = list_checkpoints(self.run_dir)
-        kept = (f"the last good checkpoint is {found[-1]} (trainer.resume_from_checkpoint=latest resumes from it)"
+            return f"fp16 overflow is the likely cause: use precision=bf16, or a lower optimizer.lr (now {lr})"
+        return f"a learning rate too high for this model is the likely cause: lower optimizer.lr (now {lr})"
+
+    def kept(self) -> str:
+        found = last_good_checkpoint(self.run_dir)
+        return (f"the last good checkpoint is {found} (trainer.resume_from_checkpoint=latest resumes from it)"
                 if found else "no checkpoint had been saved")
-        raise UserError(f"the training loss or the LoRA gradient norm became NaN/Inf at optimizer step {min(steps)}; "
-                        f"{cause}; or set trainer.on_nonfinite_loss=skip to skip such steps. The run stopped without "
-                        f"saving: {kept}")
+
+    def check(self, step: int | None = None) -> None:
+        """Raise if an optimizer step had a NaN/Inf (error policy) or, under either policy, if a LoRA weight
+        is not finite after optimizer step `step` (given before anything is written from the weights). A host
+        sync, and a collective call."""
+        if not self.skip:
+            steps = [s for s in self.accelerator.gather(self.first_bad_step.reshape(1)).tolist() if s >= 0]
+            if steps:
+                raise UserError(f"the training loss or the LoRA gradient norm became NaN/Inf at optimizer step "
+                                f"{min(steps)}; {self.cause()}; or set trainer.on_nonfinite_loss=skip to skip such "
+                                f"steps. The run stopped without saving: {self.kept()}")
+        if step is not None and not self.weights_finite():
+            o = self.cfg.optimizer
+            raise UserError(f"the LoRA weights hold NaN/Inf after optimizer step {step} (the update overflowed "
+                            f"although the loss and gradients were finite); {self.cause()}, or "
+                            f"optimizer.weight_decay (now {o.weight_decay}). Nothing was written from these "
+                            f"weights: {self.kept()}")

@@ -38,6 +38,7 @@ class Training:
     evaluate: Callable | None = None  # (unet, state) -> validation loss; main process only
     render: Callable | None = None  # (epoch, step) -> validation images; main process only
     after_step: Callable[[int], None] = lambda step: None  # scheduled garbage collection, profiler
+    stop: object = None  # signals.StopRequest: a pre-emption signal ends the run after the current step
 
 
 def run_loop(tr: Training) -> None:
@@ -48,8 +49,8 @@ def run_loop(tr: Training) -> None:
     total_batch = global_batch_size(cfg, accelerator.num_processes)
     progress = tqdm(total=max_train_steps, initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count = torch.zeros((), device=accelerator.device)  # the finite losses in loss_sum
+    if state.losses is None:  # [sum, count] of the finite losses since the last log (a resume brings them back)
+        state.losses = torch.zeros(2, device=accelerator.device)
     last_log = (time.perf_counter(), state.global_step)
     if state.global_step >= max_train_steps:  # resumed from the final checkpoint: nothing left to train
         log.info("the checkpoint is at step %d of the run's %d: nothing left to train", state.global_step,
@@ -81,20 +82,19 @@ def run_loop(tr: Training) -> None:
                 tr.lr_scheduler.step()  # also after a withheld step: the schedule follows the step count
                 tr.optimizer.zero_grad(set_to_none=True)
             state.skipped_image_rows.update(batch.get("skipped_rows", ()))
-            loss_sum += torch.where(finite, loss.detach(), 0.0)
-            loss_count += finite
+            state.losses += torch.stack([torch.where(finite, loss.detach(), 0.0), finite.to(state.losses.dtype)])
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
             progress.update(1)
             tr.timer.step()
             tr.after_step(state.global_step)
-            if state.global_step % t.log_every_n_steps == 0 or state.global_step == max_train_steps:
+            logged = state.global_step % t.log_every_n_steps == 0 or state.global_step == max_train_steps
+            if logged:
                 state.guard.check()  # this reads the device anyway: stop here, naming the step, on a NaN/Inf
-                total, count = accelerator.reduce(torch.stack([loss_sum, loss_count]), reduction="sum").tolist()
+                total, count = accelerator.reduce(state.losses.clone(), reduction="sum").tolist()
                 tr.timer.read_marks()  # the line above waited for the device
-                loss_sum.zero_()
-                loss_count.zero_()
+                state.losses.zero_()
                 now = time.perf_counter()
                 samples_per_s = (state.global_step - last_log[1]) * total_batch / max(now - last_log[0], 1e-9)
                 last_log = (now, state.global_step)
@@ -113,6 +113,11 @@ def run_loop(tr: Training) -> None:
                 tr.evaluate(models.unet, state)
             if state.global_step >= max_train_steps:
                 break
+            if tr.stop is not None and tr.stop.agreed(accelerator, logged):
+                state.stopped_by = tr.stop.signame  # train.finish saves the checkpoint and the report so far
+                break
+        if state.stopped_by:
+            break
         last_epoch = epoch == tr.length.num_epochs - 1 or state.global_step >= max_train_steps
         if tr.render is not None and ((epoch + 1) % t.validation_epochs == 0 or last_epoch):
             tr.render(epoch, state.global_step)

@@ -2,7 +2,8 @@
 
 Written by the main process when a run starts, so that a run that is killed or fails says how it
 was made too. A resumed run writes its own record and keeps the earlier ones under "earlier": the
-run's weights come from all of them, and Hydra rewrites .hydra/ on every start.
+run's weights come from all of them (each segment from its `from_step` on, with its own config), and
+Hydra rewrites .hydra/ on every start.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def collect(run_dir: Path, config: dict, resumed_from: Path | None) -> dict:
             "trainer.validation_loss_seed": trainer.get("validation_loss_seed"),
         },
         "resumed_from": None if resumed_from is None else str(resumed_from),
+        # this record's segment of the run starts here; "earlier" holds the earlier segments with their config
+        "from_step": 0 if resumed_from is None else int(Path(resumed_from).name.rsplit("-", 1)[1]),
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],
         "python": platform.python_version(),

@@ -23,8 +23,17 @@ def config_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
+# how a run was started, not what it trained: left out of the config a LoRA file carries, so that the same
+# training gives the same file (provenance.json keeps them)
+VOLATILE_KEYS = (("trainer", "resume_from_checkpoint"),)
+
+
 def config_json(cfg: Config) -> str:
-    return json.dumps(config_dict(cfg), sort_keys=True)
+    """The config as a LoRA file's metadata: sorted keys, without VOLATILE_KEYS."""
+    config = config_dict(cfg)
+    for section, key in VOLATILE_KEYS:
+        config[section].pop(key, None)
+    return json.dumps(config, sort_keys=True)
 
 
 def tensorboard_hparams(cfg: Config) -> dict:
@@ -52,7 +61,7 @@ def _dist_backend() -> str | None:
 
 
 def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, state: RunState, timer: Timer,
-                 max_train_steps: int, lora_file: Path, wall_time: float, speed: SpeedPlan) -> dict:
+                 max_train_steps: int, lora_file: Path | None, wall_time: float, speed: SpeedPlan) -> dict:
     """report.json: the Enflame tutorial's fields, what was measured, the switches as applied, how the run went."""
     applied, graphs = speed.applied, speed.graphs_compiled()
     seconds_per_step = timer.seconds_per_step()
@@ -108,15 +117,17 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "cudagraph_skips": graphs[1],  # Inductor graphs (forward and backward apart) run without the CUDA graphs the mode asked for
         "lora_rank": cfg.model.lora.rank,
         "lora_alpha": cfg.model.lora.lora_alpha,
-        "lora_path": str(lora_file),
+        "lora_path": None if lora_file is None else str(lora_file),  # None: stopped before the end
         "cache": cfg.dataset.cache,
         "seed": cfg.trainer.seed,
         # how the run went (kept across a resume); provenance.json says how it was made
         "resumed_from": state.resumed_from,
+        "stopped_by_signal": state.stopped_by,  # e.g. SIGTERM: pre-empted at global_step, resume to finish
         "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
         "grad_scaler_skipped_steps": state.grad_scaler_skipped_steps,
         "skipped_images": len(state.skipped_image_rows),
         "skipped_image_rows": sorted(state.skipped_image_rows)[:100],
+        "long_captions": state.long_captions,  # training rows whose caption is cut to the tokenizer's limit
     }
 
 

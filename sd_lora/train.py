@@ -8,9 +8,11 @@ Each piece lives in its own room and is only called from here:
     data.py, cache.py   the training rows, their transforms, the embedding cache
     optim.py       optimizer, lr schedule, run length, gradient clipping
     loss.py        one micro-batch's loss (target per prediction type, Min-SNR)
-    guard.py       NaN/Inf in the loss or gradients, grad-scaler skips
+    guard.py       NaN/Inf in the loss, gradients or LoRA weights, grad-scaler skips
     loop.py        the epoch and step loop
     checkpoints.py whole-or-absent checkpoints and exact resume
+    lock.py        one run per run directory
+    signals.py     pre-emption: SIGTERM/SIGINT/SIGUSR1 end the run after the current step, with a checkpoint
     evaluation.py  the validation loss and validation images
     report.py, provenance.py   report.json, tensorboard hparams, how the run was made
 Side effects (files, logs, validation images) happen on the main process only.
@@ -27,21 +29,24 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.checkpoints import (RunState, check_resume, finished_run, outputs_written, register_checkpoint_hooks,
-                                  resume, run_fingerprint, save_checkpoint)
+from sd_lora.checkpoints import (RunState, check_resume, checkpoint_dir, finished_run, outputs_written,
+                                  register_checkpoint_hooks, resume, run_fingerprint, save_checkpoint)
 from sd_lora.config import Config
-from sd_lora.data import CaptionedImages, build_dataloader, collate
+from sd_lora.data import CaptionedImages, build_dataloader, collate, long_captions
 from sd_lora.devices import Backend
 from sd_lora.errors import UserError
 from sd_lora.evaluation import build_evaluator, render_validation_images
 from sd_lora.families import Components, ModelFamily, family_of
+from sd_lora.files import writing
 from sd_lora.guard import NonFiniteGuard
+from sd_lora.lock import RunLock
 from sd_lora.loop import Training, run_loop
 from sd_lora.loss import StepModels
 from sd_lora.model import add_lora, add_text_lora, load_components, lora_off, save_lora, weight_dtype_of
 from sd_lora.optim import build_lr_scheduler, build_optimizer, run_length
 from sd_lora.preflight import Checked, checks_before_work
 from sd_lora.report import build_report, config_dict, config_json, tensorboard_hparams, write_report
+from sd_lora.signals import Preempted, StopRequest
 from sd_lora.speed import (SpeedPlan, compile_encoders, plan_speed, process_switches_kept, set_module_switches,
                            set_process_switches)
 from sd_lora.timing import StepProfiler, Timer, scheduled_gc
@@ -51,15 +56,17 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config, run_dir: Path | str) -> dict | None:
     """Train a LoRA as configured; write everything into `run_dir`; return the report (main process)."""
-    with process_switches_kept(cfg) as scope:
-        return _train(cfg, Path(run_dir), scope)
+    with process_switches_kept(cfg) as scope, StopRequest() as stop:
+        return _train(cfg, Path(run_dir), scope, stop)
 
 
-def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | None:
+def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRequest) -> dict | None:
     t0 = time.perf_counter()
     checked = checks_before_work(cfg)
     speed = plan_speed(cfg, checked.backend)
     accelerator = build_accelerator(cfg, checked.backend, run_dir, speed.compile_mode)
+    if accelerator.is_main_process:
+        scope.enter_context(RunLock(run_dir))  # one run per run directory, before anything is written there
     set_process_switches(cfg, checked.backend, accelerator, scope, speed)
     fingerprint = run_fingerprint(cfg, checked.model_path, checked.table, accelerator.num_processes)
     resume_path = check_resume(cfg, run_dir, fingerprint)  # a checkpoint that does not fit stops here, before the weights
@@ -89,11 +96,14 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
     register_checkpoint_hooks(accelerator, trained)
     unet = trained["unet"]
 
-    state = resume(accelerator, cfg, resume_path, length.steps_per_epoch) if resume_path else RunState()
-    state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir)
+    state = (resume(accelerator, cfg, resume_path, length.steps_per_epoch, optimizer, lr_scheduler) if resume_path
+             else RunState())
+    all_params = [p for group in lora_params.values() for p in group]
+    state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir, all_params)
     state.max_train_steps = length.max_train_steps
     state.skipped_image_rows.update(getattr(dataset, "skipped_rows", ()))  # left out of the embedding cache
     if accelerator.is_main_process:
+        state.long_captions = len(long_captions(checked.table, cfg.dataset, comps.tokenizers))
         accelerator.init_trackers("train", config=tensorboard_hparams(cfg))
         log.info("training %s on %s (%s, %d process(es)): %d samples, %d epochs, %d optimizer steps, run dir %s",
                  checked.model_path, checked.backend.name, cfg.precision.mixed_precision.value,
@@ -105,8 +115,8 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
     if accelerator.is_main_process and cfg.trainer.validation_prompts and cfg.trainer.num_validation_images > 0:
         render = functools.partial(render_validation_images, cfg, accelerator, family, comps, unet, checked.model_path,
                                    run_dir, dtype)
-    tr = Training(cfg, accelerator, models, [p for group in lora_params.values() for p in group], optimizer, lr_scheduler, dataloader, shuffle, state,
-                  Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render)
+    tr = Training(cfg, accelerator, models, all_params, optimizer, lr_scheduler, dataloader, shuffle, state,
+                  Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render, stop=stop)
     run_timed(tr, checked.backend)
     return finish(tr, checked, family, speed, t0)
 
@@ -231,15 +241,18 @@ def export_lora(tr: Training, unet, lora_file: Path, num_images: int) -> None:
 
 
 def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan, t0: float) -> dict | None:
-    """The last validation loss, the final checkpoint, the LoRA file and the report."""
+    """The last validation loss, the final checkpoint, the LoRA file and the report; after a pre-emption signal
+    only the checkpoint and the report so far (no LoRA file: the run is not done), then `Preempted`."""
     accelerator, state, run_dir = tr.accelerator, tr.state, tr.run_dir
     if state.resumed_from and state.global_step == state.start_step and outputs_written(run_dir):
         # nothing trained, all written: nothing to rewrite
         accelerator.end_training()
         return leave_finished_run(run_dir, Path(state.resumed_from), accelerator.is_main_process)
+    if state.stopped_by:
+        return stop_preempted(tr, checked, speed, t0)
     if tr.evaluate is not None and state.validation_loss_step != state.global_step:
         tr.evaluate(tr.models.unet, state)
-    save_checkpoint(accelerator, tr.cfg, run_dir, state)  # LoRA-only and small: lets a run be extended
+    final = save_checkpoint(accelerator, tr.cfg, run_dir, state)  # LoRA-only and small: lets a run be extended
     if state.skipped_image_rows and accelerator.is_main_process:
         log.warning("dataset.on_bad_image=skip: %d image(s) could not be decoded and were skipped (data set rows %s)",
                     len(state.skipped_image_rows), sorted(state.skipped_image_rows)[:20])
@@ -247,11 +260,27 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
     report = None
     if accelerator.is_main_process:
         base, *text_encoders = (accelerator.unwrap_model(m, keep_torch_compile=False) for m in tr.models.trained)
-        lora_file = save_lora(family.lora_modules(base, tuple(text_encoders)), run_dir / "lora",
-                              metadata={"sd_lora_config": config_json(tr.cfg)})
-        export_lora(tr, base, lora_file, len(checked.table))
-        report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
-                              tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed)
-        log.info("done: LoRA %s, report %s", lora_file, write_report(run_dir, report))
+        with writing(run_dir / "lora", "the LoRA file and the report", f"The final checkpoint {final} is saved: "
+                     "once there is room, trainer.resume_from_checkpoint=latest writes them"):
+            lora_file = save_lora(family.lora_modules(base, tuple(text_encoders)), run_dir / "lora",
+                                  metadata={"sd_lora_config": config_json(tr.cfg)})
+            export_lora(tr, base, lora_file, len(checked.table))
+            report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
+                                  tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed)
+            log.info("done: LoRA %s, report %s", lora_file, write_report(run_dir, report))
     accelerator.end_training()
     return report
+
+
+def stop_preempted(tr: Training, checked: Checked, speed: SpeedPlan, t0: float):
+    """A pre-emption signal: the checkpoint of this step (unless the loop just saved it), the report so far."""
+    accelerator, state = tr.accelerator, tr.state
+    checkpoint = checkpoint_dir(tr.run_dir) / f"checkpoint-{state.global_step}"
+    if state.saved_step != state.global_step:
+        checkpoint = save_checkpoint(accelerator, tr.cfg, tr.run_dir, state)
+    if accelerator.is_main_process:
+        report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
+                              tr.length.max_train_steps, None, time.perf_counter() - t0, speed)
+        write_report(tr.run_dir, report)
+    accelerator.end_training()
+    raise Preempted(state.stopped_by, state.global_step, checkpoint)

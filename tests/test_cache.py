@@ -423,6 +423,63 @@ def test_cache_file_permissions_follow_the_umask(tmp_path, umask, mode):
     assert (tmp_path / "abc.safetensors").stat().st_mode & 0o777 == mode
 
 
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors keeps metadata in a HashMap (random order per process and per map): sd_lora sorts it."""
+    import filecmp
+
+    from sd_lora.files import save_safetensors
+
+    metadata = {f"key{i}": "é" * i for i in range(20)}  # non-ASCII too: the rewritten header keeps its length
+    paths = [save_safetensors(small_tensors(), tmp_path / f"{i}.safetensors", metadata=metadata) for i in range(4)]
+    assert all(filecmp.cmp(paths[0], p, shallow=False) for p in paths[1:])
+    header = json.loads(paths[0].read_bytes()[8:8 + int.from_bytes(paths[0].read_bytes()[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(metadata) and header["__metadata__"] == metadata
+    from safetensors.torch import load_file
+
+    assert all(torch.equal(load_file(paths[0])[k], v) for k, v in small_tensors().items())
+
+
+def test_the_tiny_model_cache_and_the_datasets_cache_follow_the_umask_and_sd_lora_cache(tmp_path, monkeypatch):
+    from conftest import write_noise_folder
+
+    from sd_lora.data import load_table
+    from sd_lora.demo import ensure_tiny_model
+
+    previous = os.umask(0o022)
+    try:
+        folder = ensure_tiny_model(tmp_path / "shared")
+    finally:
+        os.umask(previous)
+    modes = {p.stat().st_mode & 0o777 for p in folder.rglob("*")}
+    assert modes == {0o755, 0o644} and folder.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700 / 0600
+
+    monkeypatch.delenv("HF_DATASETS_CACHE")
+    monkeypatch.setenv("SD_LORA_CACHE", str(tmp_path / "sd_lora_cache"))
+    data = write_noise_folder(tmp_path / "data", [((16, 16), "a"), ((16, 16), "b")])
+    assert len(load_table(DatasetConfig(path=str(data)))) == 2
+    assert any((tmp_path / "sd_lora_cache" / "datasets").rglob("*.arrow"))  # not under ~/.cache/huggingface
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    load_table(DatasetConfig(path=str(data)))
+    assert any((tmp_path / "hf").rglob("*.arrow"))
+
+
+def test_nan_in_the_cache_is_named_as_such_not_blamed_on_the_learning_rate(tmp_path):
+    def with_nan():
+        tensors = small_tensors()
+        tensors["latent_mean"][1, 0, 0, 0, 0] = float("nan")
+        return tensors
+
+    path = tmp_path / "abc.safetensors"
+    with pytest.raises(UserError, match=r"gave NaN/Inf \(latent_mean\), before any training.*precision=bf16"):
+        load_or_build(path, with_nan)
+    assert not path.exists()  # not written
+    from safetensors.torch import save_file
+
+    save_file(with_nan(), str(path))  # damaged on disk, or written by an older sd_lora
+    with pytest.raises(UserError, match=f"the embedding cache {path} holds NaN/Inf \\(latent_mean\\).*delete the file"):
+        load_or_build(path, small_tensors)
+
+
 def test_load_or_build_leaves_no_file_when_the_build_fails(tmp_path):
     path = tmp_path / "abc.safetensors"
 

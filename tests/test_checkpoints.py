@@ -38,6 +38,7 @@ RUN = [
     "trainer.skip_steps=0", "dataset.max_train_samples=10", "trainer.train_batch_size=2",
     "trainer.gradient_accumulation_steps=2", "dataset.center_crop=false", "dataset.random_flip=true",
     "model.lora.dropout=0.1", "optimizer.lr=1e-2", "optimizer.lr_scheduler=linear", "optimizer.lr_warmup_steps=2",
+    "trainer.log_every_n_steps=7",  # the final loss is the mean of steps 8-12: a resume at 8 or 10 must keep 8's
 ]
 
 
@@ -68,8 +69,13 @@ def checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
-def assert_same_end_state(run: Path, reference: Path) -> None:
-    """LoRA, optimizer state, lr schedule, RNG states and step count equal, bit for bit."""
+def assert_same_end_state(run: Path, reference: Path, same_config: bool = True) -> None:
+    """LoRA, optimizer state, lr schedule, RNG states and step count equal, bit for bit; the LoRA files byte for
+    byte (the same training gives the same file: sorted metadata, no resume_from_checkpoint in its config)."""
+    import filecmp
+
+    assert not same_config or filecmp.cmp(run / "lora" / "pytorch_lora_weights.safetensors",
+                                          reference / "lora" / "pytorch_lora_weights.safetensors", shallow=False)
     mine, theirs = load_file(run / "lora" / "pytorch_lora_weights.safetensors"), \
         load_file(reference / "lora" / "pytorch_lora_weights.safetensors")
     assert mine.keys() == theirs.keys()
@@ -85,7 +91,9 @@ def assert_same_end_state(run: Path, reference: Path) -> None:
     rng_a, rng_b = (torch.load(p / "random_states_0.pkl", weights_only=False) for p in (a, b))
     assert torch.equal(rng_a["torch_manual_seed"], rng_b["torch_manual_seed"])  # dropout drew as much
     assert rng_a["random_state"] == rng_b["random_state"] and rng_a["step"] == rng_b["step"]
-    assert json.loads((run / "report.json").read_text())["global_step"] == STEPS
+    report = json.loads((run / "report.json").read_text())
+    assert report["global_step"] == STEPS and report["stopped_by_signal"] is None
+    assert report["final_loss"] == json.loads((reference / "report.json").read_text())["final_loss"]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +151,237 @@ def test_kill_during_a_save_leaves_the_last_checkpoint_whole_and_resumable(refer
     output = resume(run, "trainer.checkpoints_total_limit=1")
     assert f"resumed from {run / 'checkpoints' / 'checkpoint-2'} at step 2" in output  # latest = the whole one
     assert checkpoints(run) == [f"checkpoint-{STEPS}"]  # the partial one is cleaned up, the limit kept
+    assert_same_end_state(run, reference, same_config=False)  # its config holds checkpoints_total_limit=1
+
+
+# --------------------------------------------------------------------------------------------
+# 2b. pre-emption: SIGTERM finishes the step, saves a checkpoint and the report, exits 3; resume is exact
+
+
+def test_sigterm_saves_a_checkpoint_and_the_report_and_the_resume_ends_bit_identical(reference, tmp_path):
+    from sd_lora.signals import PREEMPTED_EXIT_STATUS
+
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *RUN, f"hydra.run.dir={run}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "checkpoint-2").is_dir():  # in step 3 or later, between checkpoints
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[0]  # and stdout, where Hydra's log goes
+    assert proc.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM received" in stderr
+    report = json.loads((run / "report.json").read_text())  # the report so far
+    step = report["global_step"]
+    assert 2 <= step < STEPS and report["stopped_by_signal"] == "SIGTERM" and report["lora_path"] is None
+    assert f"stopped by SIGTERM after optimizer step {step}: checkpoint {run / 'checkpoints' / f'checkpoint-{step}'}" \
+        in stderr and "trainer.resume_from_checkpoint=latest" in stderr
+    assert (run / "checkpoints" / f"checkpoint-{step}" / "sd_lora_checkpoint.json").is_file()
+    assert not (run / "lora").exists()  # not a finished LoRA
+    assert f"resumed from {run / 'checkpoints' / f'checkpoint-{step}'} at step {step}" in resume(run)
     assert_same_end_state(run, reference)
+    assert not (run / "sd_lora.lock").exists()  # released by both runs
+    provenance = json.loads((run / "provenance.json").read_text())  # the run's two segments
+    assert provenance["from_step"] == step and [p["from_step"] for p in provenance["earlier"]] == [0]
+
+
+def test_a_second_signal_ends_the_process_at_once(tmp_path):
+    """The first signal only asks; the second one ends the process as the signal would have (no handler left)."""
+    script = ("import sys, time\nfrom sd_lora.signals import StopRequest\nwith StopRequest() as stop:\n"
+              "    print('ready', flush=True)\n    while stop.signame is None: time.sleep(0.01)\n"
+              "    print(stop.signame, flush=True)\n    time.sleep(60)\n")
+    for signum in (signal.SIGINT, signal.SIGUSR1):
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signum)
+        assert proc.stdout.readline() == f"{signal.Signals(signum).name}\n"  # caught, still running
+        assert proc.poll() is None
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == -signum
+
+
+def test_one_run_directory_holds_one_run(tiny_model_path, tmp_path, caplog):
+    """A second writer is refused naming the holder; a lock left by a process that ended is taken over."""
+    import socket
+
+    from sd_lora.config import DeviceConfig, DeviceType
+    from sd_lora.lock import LOCK_NAME, RunLock
+    from sd_lora.train import train
+
+    cfg = Config(model=ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)), device=DeviceConfig(
+        type=DeviceType.cpu), dataset=DatasetConfig(path=str(ROOT / "sd_lora" / "assets" / "shapes"), resolution=32))
+    with RunLock(tmp_path):
+        held = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+        with pytest.raises(UserError) as info:
+            train(cfg, tmp_path)  # the trainer takes the lock before it writes anything
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+        assert f"run directory {tmp_path} is in use by process {os.getpid()} on {socket.gethostname()}, started " \
+               f"{held['started_at']}" in str(info.value) and "hydra.run.dir" in str(info.value)
+    assert not (tmp_path / LOCK_NAME).exists()
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started_at": "x"}))
+    with caplog.at_level("WARNING"), RunLock(tmp_path):  # a kill -9 left it: taken over
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert f"taking over the lock of process {dead} (started x), which no longer runs" in caplog.text
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started_at": "y"}))
+    with pytest.raises(UserError, match=f"in use by process 1 on elsewhere, started y .*remove {tmp_path / LOCK_NAME}"):
+        with RunLock(tmp_path):
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# 2c. checkpoints in-process: a small model through the real save_checkpoint / check_resume / resume
+
+
+def small_run(run_dir: Path, **changes):
+    """An accelerate-prepared Linear model, AdamW and a warm-up + linear schedule from the optimizer config, as the
+    trainer builds them; `changes` override OptimizerConfig / TrainerConfig fields."""
+    from accelerate import Accelerator
+
+    from sd_lora.config import LrScheduler, OptimizerConfig
+    from sd_lora.optim import build_lr_scheduler, build_optimizer
+
+    accelerator = Accelerator(cpu=True)
+    optimizer_keys = {k: v for k, v in changes.items() if k in OptimizerConfig.__dataclass_fields__}
+    trainer_keys = {k: v for k, v in changes.items() if k not in optimizer_keys}
+    cfg = Config(model=ModelConfig(pretrained_model_name_or_path="m"), dataset=DatasetConfig(path="d"),
+                 optimizer=OptimizerConfig(**{"lr": 1e-2, "lr_scheduler": LrScheduler.linear, "lr_warmup_steps": 2,
+                                              **optimizer_keys}), trainer=TrainerConfig(**trainer_keys))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = build_optimizer(cfg, list(model.parameters()), 1, fused_by_default=False)
+    scheduler = build_lr_scheduler(cfg, optimizer, 10, 1)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = RunState(guard=NonFiniteGuard(cfg, accelerator, run_dir, list(model.parameters())),
+                     losses=torch.zeros(2))
+
+    def step():
+        loss = model(torch.ones(2, 4)).pow(2).mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        state.global_step += 1
+        state.losses += torch.stack([loss.detach(), torch.ones(())])
+
+    return cfg, accelerator, model, optimizer, scheduler, state, step
+
+
+def test_checkpoints_carry_a_manifest_and_a_damaged_one_is_named_with_the_newest_intact_one(tmp_path, caplog):
+    from sd_lora.checkpoints import CHECKPOINT_META, find_resume_checkpoint, last_good_checkpoint, save_checkpoint
+
+    cfg, accelerator, model, _, _, state, step = small_run(tmp_path)
+    for _ in range(2):
+        step()
+        save_checkpoint(accelerator, cfg, tmp_path, state)
+    first, second = (tmp_path / "checkpoints" / f"checkpoint-{i}" for i in (1, 2))
+    listed = json.loads((second / CHECKPOINT_META).read_text())["manifest"]
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= set(listed)
+    assert all(listed[name]["size"] == (second / name).stat().st_size for name in listed)
+
+    def latest(value="latest"):
+        return find_resume_checkpoint(Config(trainer=TrainerConfig(resume_from_checkpoint=value)), tmp_path)
+
+    assert latest() == second
+    weights = second / "model.safetensors"
+    intact = weights.read_bytes()
+    damaged = bytearray(intact)
+    damaged[-64:] = bytes(64)  # 64 bytes overwritten inside the tensors, same size
+    for content, wrong in ((bytes(damaged), f"{weights} differs from what was saved"),
+                           (intact[:-10], f"{weights} is {len(intact) - 10} bytes, {len(intact)} when it was saved")):
+        weights.write_bytes(content)
+        with pytest.raises(UserError) as info:
+            latest()
+        assert str(info.value).startswith(f"trainer.resume_from_checkpoint=latest: checkpoint {second} is damaged: "
+                                          f"{wrong}")
+        assert f"the newest intact checkpoint is {first}: resume from it with " \
+               "trainer.resume_from_checkpoint=latest_valid" in str(info.value)
+        with caplog.at_level("WARNING"):
+            assert latest("latest_valid") == first
+        assert f"passing over checkpoint {second}: {wrong}" in caplog.text
+        assert last_good_checkpoint(tmp_path) == first  # what the non-finite guard's message names
+        with pytest.raises(UserError, match="is damaged"):
+            latest(str(second))
+    (first / "optimizer.bin").unlink()
+    with pytest.raises(UserError, match=f"{first / 'optimizer.bin'} is missing"):
+        latest(str(first))
+    with pytest.raises(UserError, match="no intact checkpoint is left"):
+        latest()
+
+
+def test_resume_brings_back_the_losses_and_applies_or_refuses_changed_settings(tmp_path, caplog):
+    from sd_lora.checkpoints import check_resume, resume, save_checkpoint
+
+    cfg, accelerator, model, optimizer, scheduler, state, step = small_run(tmp_path)
+    for _ in range(3):
+        step()
+    state.last_loss = 0.25  # logged at step 2, say; step 3's loss is not logged yet
+    state.losses = torch.tensor([0.75, 1.0])
+    save_checkpoint(accelerator, cfg, tmp_path, state)
+    lr_at_3 = optimizer.param_groups[0]["lr"]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-3"
+
+    cfg, accelerator, model, optimizer, scheduler, _, step = small_run(tmp_path, lr=1e-1, weight_decay=0.5)
+    with caplog.at_level("WARNING"):
+        state = resume(accelerator, cfg, checkpoint, 10, optimizer, scheduler)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert state.last_loss == 0.25 and state.losses.tolist() == [0.75, 1.0]  # final_loss covers the whole run
+    # the new lr is really used: the schedule's factor at step 3, on the new peak; the next steps follow it
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at_3 * 10)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.5
+    step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-1 * (10 - 4) / (10 - 2))  # linear decay after warm-up
+    assert "resumed with optimizer.lr changed 0.01 -> 0.1" in caplog.text
+    assert "resumed with optimizer.weight_decay changed 0.01 -> 0.5" in caplog.text
+
+    for changes, named in (({"seed": 1}, "trainer.seed: 0 in the checkpoint, 1 now"),
+                           ({"lr_warmup_steps": 0}, "optimizer.lr_warmup_steps: 2 in the checkpoint, 0 now")):
+        cfg = small_run(tmp_path, resume_from_checkpoint=str(checkpoint), **changes)[0]
+        with pytest.raises(UserError, match=named):
+            check_resume(cfg, tmp_path, {})
+    assert check_resume(small_run(tmp_path, resume_from_checkpoint=str(checkpoint), lr=1.0)[0], tmp_path, {}) \
+        == checkpoint
+
+
+def test_a_full_disk_gives_one_message_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real write failure (a file-size limit, as `ulimit -f` sets it), in a process of its own."""
+    import resource
+
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from pathlib import Path
+from test_checkpoints import small_run
+from sd_lora.checkpoints import save_checkpoint
+from sd_lora.errors import UserError
+run = Path({str(tmp_path)!r})
+cfg, accelerator, model, _, _, state, step = small_run(run)
+step()
+save_checkpoint(accelerator, cfg, run, state)
+step()
+resource.setrlimit(resource.RLIMIT_FSIZE, (300, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_checkpoint(accelerator, cfg, run, state)
+except UserError as exc:
+    print("USER ERROR", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "USER ERROR" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    message = done.stdout.split("USER ERROR ", 1)[1]
+    assert message.startswith(f"could not write the checkpoint at {tmp_path / 'checkpoints' / '.tmp-checkpoint-2'}: ")
+    assert "GiB free there" in message and "hydra.run.dir" in message
+    assert f"The previous checkpoint {tmp_path / 'checkpoints' / 'checkpoint-1'} is kept" in message
+    assert checkpoints(tmp_path) == ["checkpoint-1"]  # the half-written one is gone, the previous one intact
+    from sd_lora.checkpoints import damage
+
+    assert damage(tmp_path / "checkpoints" / "checkpoint-1") is None
+    assert resource.getrlimit(resource.RLIMIT_FSIZE)  # (the limit was the child's alone)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +460,38 @@ def test_nonfinite_guard_names_the_step_it_happened_in_when_checked_later(tmp_pa
     guard, state, withheld = run(OnFailure.skip, [1.0, nan, 2.0, 1.0], [1.0, 1.0, 1.0, inf])
     assert withheld == [False, True, False, True] and state.nonfinite_skipped_steps == 2
     guard.check()  # skip policy: never raises
+
+
+def test_nonfinite_lora_weights_are_refused_before_anything_is_written_under_either_policy(tmp_path):
+    """A finite loss and gradient, and an update that overflows (huge lr x weight decay): the weights, not the
+    loss, say so. The message names the newest complete checkpoint, never a half-written one."""
+    from accelerate import Accelerator
+
+    from sd_lora.checkpoints import CHECKPOINT_META
+
+    accelerator = Accelerator(cpu=True)
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-2" / CHECKPOINT_META).write_text("{}")
+    (tmp_path / "checkpoints" / "checkpoint-3").mkdir()  # no sd_lora_checkpoint.json: not complete
+    for policy in OnFailure:
+        param = torch.nn.Parameter(torch.ones(4))
+        optimizer = torch.optim.AdamW([param], lr=3e37, weight_decay=11.0)  # decay to -3.3e38, then -3e37 more
+        cfg = Config(model=ModelConfig(pretrained_model_name_or_path="m"), dataset=DatasetConfig(path="d"),
+                     trainer=TrainerConfig(on_nonfinite_loss=policy))
+        guard = NonFiniteGuard(cfg, accelerator, tmp_path, [param])
+        guard.check(0)  # finite weights pass
+        loss = (param * 0.5).sum()
+        guard.add_loss(loss)
+        loss.backward()
+        assert not guard.skip_step(RunState(), torch.linalg.vector_norm(param.grad))  # loss and norm are finite
+        optimizer.step()
+        assert not torch.isfinite(param).all()
+        with pytest.raises(UserError) as info:
+            guard.check(1)
+        text = str(info.value)
+        assert "LoRA weights hold NaN/Inf after optimizer step 1" in text and "optimizer.weight_decay (now 0.01)" in text
+        assert f"the last good checkpoint is {tmp_path / 'checkpoints' / 'checkpoint-2'} " in text
+        guard.check()  # without a step (a logging step) the weights are not read
 
 
 def test_grad_scaler_skips_are_counted_also_when_a_fused_adamw_skips_in_its_kernel(tmp_path):

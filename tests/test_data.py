@@ -400,3 +400,85 @@ def test_load_tables_reads_once_what_the_training_loader_gives_and_holds_out_the
     assert load_tables(cfg, seed=3, validation_seed=5)[1]["text"] == held_out["text"]  # the seed fixes them
     assert load_tables(cfg, seed=3, validation_seed=6)[1]["text"] != held_out["text"]
     assert load_tables(DatasetConfig(path=str(SHAPES)))[1] is None
+
+
+# --------------------------------------------------------------------------------------------
+# image modes: what PIL's convert("RGB") alone gets wrong
+
+
+def png_cell(image: Image.Image, fmt: str = "PNG") -> dict:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return {"bytes": buffer.getvalue(), "path": f"x.{fmt.lower()}"}
+
+
+def pixels(cell, alpha=None) -> list[tuple]:
+    from sd_lora.config import Alpha
+    from sd_lora.data import decode_image
+
+    image = decode_image(cell, "row 0", alpha or Alpha.white)
+    assert image.mode == "RGB"
+    return [tuple(int(c) for c in p) for p in np.asarray(image).reshape(-1, 3)]
+
+
+def test_sixteen_bit_palette_and_cmyk_images_decode_to_their_colours():
+    grey16 = Image.fromarray(np.array([[0, 257 * 128, 65535, 1000]], dtype=np.uint16))  # a 16-bit grayscale PNG
+    decoded = png_cell(grey16)
+    assert Image.open(__import__("io").BytesIO(decoded["bytes"])).mode.startswith("I")
+    assert pixels(decoded) == [(0, 0, 0), (128, 128, 128), (255, 255, 255), (4, 4, 4)]  # was all but the first white
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    assert pixels(png_cell(palette)) == [(255, 0, 0), (0, 0, 255)]
+    cmyk = Image.new("CMYK", (3, 1))
+    for x, ink in enumerate([(255, 0, 0, 0), (0, 255, 255, 0), (0, 0, 0, 255)]):
+        cmyk.putpixel((x, 0), ink)
+    assert pixels(png_cell(cmyk, "TIFF")) == [(0, 255, 255), (255, 0, 0), (0, 0, 0)]  # cyan, red, black
+
+
+def test_transparent_images_are_composited_as_dataset_alpha_says(tokenize):
+    from sd_lora.config import Alpha
+
+    rgba = Image.new("RGBA", (3, 1))
+    for x, value in enumerate([(255, 0, 0, 0), (255, 0, 0, 128), (0, 255, 0, 255)]):  # hidden red, half red, green
+        rgba.putpixel((x, 0), value)
+
+    def over(colour, background, a):  # straight alpha over an opaque background
+        return tuple(round((c * a + b * (255 - a)) / 255) for c, b in zip(colour, background))
+
+    for alpha, background in ((Alpha.white, (255, 255, 255)), (Alpha.black, (0, 0, 0))):
+        expected = [over((255, 0, 0), background, 0), over((255, 0, 0), background, 128), (0, 255, 0)]
+        got = pixels(png_cell(rgba), alpha)
+        assert all(abs(g - e) <= 1 for gp, ep in zip(got, expected) for g, e in zip(gp, ep)), (alpha, got, expected)
+    assert pixels(png_cell(rgba), Alpha.ignore) == [(255, 0, 0), (255, 0, 0), (0, 255, 0)]  # the old behaviour
+    la = Image.new("LA", (2, 1))
+    la.putpixel((0, 0), (0, 0))
+    la.putpixel((1, 0), (50, 255))
+    assert pixels(png_cell(la)) == [(255, 255, 255), (50, 50, 50)]
+    keyed = Image.new("P", (2, 1))
+    keyed.putpalette([10, 20, 30, 200, 100, 0] + [0] * 762)
+    keyed.putpixel((1, 0), 1)
+    keyed.info["transparency"] = 0  # palette index 0 is transparent
+    assert pixels(png_cell(keyed), Alpha.black) == [(0, 0, 0), (200, 100, 0)]
+    # the training rows use dataset.alpha
+    table = datasets.Dataset.from_dict({"image": [png_cell(rgba.resize((8, 8)))], "text": ["a"]})
+    for alpha, corner in ((Alpha.white, 1.0), (Alpha.black, -1.0)):
+        item = CaptionedImages(table, DatasetConfig(path="d", resolution=8, center_crop=True, alpha=alpha), tokenize)[0]
+        assert item["pixel_values"][:, 0, 0].tolist() == [corner] * 3  # the hidden red is not what trains
+
+
+def test_captions_longer_than_the_tokenizer_takes_are_counted_and_warned_about_once(tokenizer, caplog):
+    from sd_lora.data import long_captions
+
+    limit = tokenizer.model_max_length
+    long = " ".join(["red"] * (limit + 5))
+    table = datasets.Dataset.from_dict({"text": ["a red square", long, "blue " * (limit - 2), long]})
+    several = datasets.Dataset.from_dict({"text": [["short", long], ["a", "b"]]})  # one of a row's captions is cut
+    assert long_captions(several, DatasetConfig(path="d"), (tokenizer,)) == [0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert long_captions(table, DatasetConfig(path="d"), (tokenizer,)) == [1, 3]
+    assert caplog.text.count(f"2 of 4 training rows have a caption longer than the text encoder's {limit} tokens") == 1
+    assert "rows [1, 3]" in caplog.text
