@@ -46,7 +46,7 @@ class RunState:
     max_train_steps: int | None = None  # the run's length, kept in each checkpoint (finished_run reads it)
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint of this run fits (see run_fingerprint)
     guard: object = None  # the run's guard.NonFiniteGuard
-    losses: object = None  # [sum, count] of the finite losses since the last logged one, on the device (kept in checkpoints)
+    losses: object = None  # [sum, count] of the finite losses since the last log, on the device (in checkpoints)
     stopped_by: str | None = None  # the signal that stopped the run before its end (signals.StopRequest)
     saved_step: int | None = None  # the step of the checkpoint this process saved last
 
@@ -454,22 +454,28 @@ def resume(accelerator, cfg: Config, path: Path, steps_per_epoch: int, optimizer
 def apply_changed_settings(cfg: Config, meta: dict, optimizer, lr_scheduler, num_processes: int) -> None:
     """The optimizer settings that differ from the checkpoint's, put into the optimizer and the schedule that
     load_state has just brought back with the old ones (the rest are read from the config at each step)."""
+    from sd_lora.optim import param_groups
+
     changed = changed_settings(cfg, meta)
     o = cfg.optimizer
-    if {"optimizer.lr", "optimizer.text_encoder_lr", "optimizer.scale_lr"} & set(changed):
-        from sd_lora.optim import param_groups
-
-        scale = global_batch_size(cfg, num_processes) if o.scale_lr else 1
-        # the groups' peaks as optim.param_groups makes them: the U-Net's first, then the text encoders'
-        peaks = [g["lr"] for g in param_groups(cfg, {"unet": [], **{f"text_{i}": [] for i in
-                                                                     range(len(optimizer.param_groups) - 1)}}, scale)]
-        schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    scale = global_batch_size(cfg, num_processes) if o.scale_lr else 1  # as optim.build_optimizer has it
+    # each group's peak as optim.param_groups makes them: the U-Net's first, then the text encoders'
+    peaks = [g["lr"] for g in param_groups(cfg, {"unet": [], **{f"text_{i}": [] for i in
+                                                                 range(len(optimizer.param_groups) - 1)}}, scale)]
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    if any(old != base for old, base in zip(schedule.base_lrs, peaks)):  # a new lr, or scale_lr with a new layout
+        if not {"optimizer.lr", "optimizer.text_encoder_lr", "optimizer.scale_lr"} & set(changed):
+            log.warning("resumed with the peak learning rate changed %s -> %s (optimizer.scale_lr=true with another "
+                        "batch layout)", schedule.base_lrs[0], peaks[0])
         for i, (group, base) in enumerate(zip(optimizer.param_groups, peaks)):
-            old = schedule.base_lrs[i]
-            group["lr"] = group["lr"] * base / old  # the schedule's factor at this step, on the new peak
+            group["lr"] = group["lr"] * base / schedule.base_lrs[i]  # the schedule's factor at this step, new peak
             group["initial_lr"] = schedule.base_lrs[i] = base
         schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group.update(betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    for key, name, value in (("optimizer.betas", "betas", tuple(o.betas)),
+                             ("optimizer.weight_decay", "weight_decay", o.weight_decay), ("optimizer.eps", "eps", o.eps)):
+        if key in changed:  # only where the optimizer has the setting, in this form
+            for group in optimizer.param_groups:
+                if name in group and type(group[name]) is type(value):
+                    group[name] = value
     for key, (old, new) in changed.items():
         log.warning("resumed with %s changed %s -> %s", key, old, new)

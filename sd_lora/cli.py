@@ -1,5 +1,6 @@
 """What `python launch.py` checks on its command line before Hydra composes anything: an optional extra that a
-chosen sweeper or launcher needs, and a misspelt config key (with the key it probably meant).
+chosen sweeper or launcher needs, a misspelt config key (with the key it probably meant), and a run directory
+that another run is writing to.
 
 Hydra would report both too, but as a config-search error with no install hint, and for a typo with the advice
 to append the misspelt key (`+optimzer.lr=1`).
@@ -69,5 +70,18 @@ def misspelt_key(argv: list[str], conf_dir: Path) -> str | None:
     return None
 
 
+def run_dir_in_use(argv: list[str]) -> str | None:
+    """A `hydra.run.dir=` that another run is writing to (sd_lora/lock.py), said before Hydra writes its .hydra/
+    files into it."""
+    from sd_lora.lock import RunLock
+
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return None
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            return RunLock(Path(arg.split("=", 1)[1])).in_use()
+    return None
+
+
 def command_line_problem(argv: list[str], conf_dir: Path) -> str | None:
-    return missing_extra(argv, conf_dir) or misspelt_key(argv, conf_dir)
+    return missing_extra(argv, conf_dir) or misspelt_key(argv, conf_dir) or run_dir_in_use(argv)

@@ -81,6 +81,22 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
+    def in_use(self) -> str | None:
+        """The refusal message if a live process holds this lock now, else None (nothing is taken)."""
+        if not self.path.is_file():
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return self._in_use(self._holder(fd))
+        finally:
+            os.close(fd)  # also lets go of the shared lock, if taken
+        return None
+
     @staticmethod
     def _holder(fd: int) -> dict | None:
         data = os.pread(fd, 4096, 0)

@@ -217,6 +217,10 @@ def test_one_run_directory_holds_one_run(tiny_model_path, tmp_path, caplog):
         with pytest.raises(UserError) as info:
             train(cfg, tmp_path)  # the trainer takes the lock before it writes anything
         assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+        launched = run_launch("device=cpu", f"hydra.run.dir={tmp_path}")  # refused before Hydra writes .hydra/
+        assert launched.returncode == 2 and f"run directory {tmp_path} is in use by process {os.getpid()}" \
+            in launched.stderr, launched.stdout[-2000:] + launched.stderr[-2000:]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
         assert f"run directory {tmp_path} is in use by process {os.getpid()} on {socket.gethostname()}, started " \
                f"{held['started_at']}" in str(info.value) and "hydra.run.dir" in str(info.value)
     assert not (tmp_path / LOCK_NAME).exists()
