@@ -66,18 +66,24 @@ class DeviceType(Enum):
 
 
 class OptimizerName(Enum):
+    """The optimizer class (sd_lora/optim.py builds it; the packages an option needs are extras in pyproject.toml)."""
+
     adamw = "adamw"  # torch.optim.AdamW
+    adamw8bit = "adamw8bit"  # bitsandbytes' AdamW8bit (8-bit moments; CUDA only; pip install -e ".[adamw8bit]")
+    prodigy = "prodigy"  # prodigyopt's Prodigy: estimates its own step size; lr is a multiplier of it, keep ~1.0
+    adafactor = "adafactor"  # transformers' Adafactor: factored second moment; relative step off by default
+    lion = "lion"  # lion-pytorch's Lion: sign updates; lr 3-10x below AdamW's, weight decay as much above
 
 
 class LrScheduler(Enum):
-    """Names understood by `diffusers.optimization.get_scheduler`."""
+    """Names understood by `diffusers.optimization.get_scheduler` (each after its linear warm-up, if any)."""
 
-    linear = "linear"
-    cosine = "cosine"
-    cosine_with_restarts = "cosine_with_restarts"
-    polynomial = "polynomial"
-    constant = "constant"
-    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"  # linear decay to 0
+    cosine = "cosine"  # half a cosine down to 0
+    cosine_with_restarts = "cosine_with_restarts"  # optimizer.lr_num_cycles cosines, each restarting at lr
+    polynomial = "polynomial"  # (1 - progress) ** optimizer.lr_power, down to 1e-7
+    constant = "constant"  # lr throughout (no warm-up: use constant_with_warmup)
+    constant_with_warmup = "constant_with_warmup"  # warm-up, then lr
 
 
 class LoraFormat(Enum):
@@ -190,17 +196,54 @@ class DatasetConfig:
 
 
 @dataclass
+class ProdigySettings:
+    """optimizer=prodigy only (prodigyopt.Prodigy's own keys)."""
+
+    d_coef: float = 1.0  # multiplies the step size Prodigy estimates (>1 bolder, <1 more careful)
+    use_bias_correction: bool = False  # Adam-style bias correction of the estimate (kohya's SD recipes turn it on)
+    safeguard_warmup: bool = False  # keep the lr warm-up out of the estimate (advised with a warm-up)
+    decouple: bool = True  # AdamW-style decoupled weight decay
+
+    def __post_init__(self):
+        _check(self.d_coef > 0, "optimizer.prodigy.d_coef", self.d_coef, "use a positive factor such as 1.0")
+
+
+@dataclass
+class AdafactorSettings:
+    """optimizer=adafactor only (transformers' Adafactor's own keys; optimizer.betas and eps are not used)."""
+
+    relative_step: bool = False  # Adafactor's own time-dependent step size instead of optimizer.lr (then lr_scheduler=constant)
+    scale_parameter: bool = False  # scale each step by the parameter's RMS
+    warmup_init: bool = False  # relative_step=true only: Adafactor's own warm-up
+    clip_threshold: float = 1.0  # clip the update's RMS at this
+    decay_rate: float = -0.8  # exponent of the second-moment decay rate
+    beta1: Optional[float] = None  # first-moment decay; null = no first moment (Adafactor's memory saving)
+
+    def __post_init__(self):
+        _check(self.beta1 is None or 0.0 <= self.beta1 < 1.0, "optimizer.adafactor.beta1", self.beta1,
+               "use a number in [0, 1) or null")
+        _check(not self.warmup_init or self.relative_step, "optimizer.adafactor.warmup_init", self.warmup_init,
+               "it is the warm-up of Adafactor's relative step: set optimizer.adafactor.relative_step=true too, or "
+               "warm up with optimizer.lr_warmup_steps")
+
+
+@dataclass
 class OptimizerConfig:
-    name: OptimizerName = OptimizerName.adamw
-    lr: float = 1e-4  # peak learning rate
+    name: OptimizerName = OptimizerName.adamw  # the optimizer class: adamw, adamw8bit, prodigy, adafactor, lion
+    lr: float = 1e-4  # peak learning rate (prodigy: a multiplier of its own estimate, keep ~1.0)
     scale_lr: bool = False  # multiply lr by batch size x accumulation x processes (diffusers' --scale_lr)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 1e-2
-    eps: float = 1e-8
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, adamw8bit, prodigy, lion
+    weight_decay: float = 1e-2  # decoupled weight decay
+    eps: float = 1e-8  # adamw, adamw8bit, prodigy
     lr_scheduler: LrScheduler = LrScheduler.constant
     lr_warmup_steps: int = 0  # optimizer steps of linear warm-up
+    lr_warmup_fraction: Optional[float] = None  # or: warm-up as this fraction of the run's optimizer steps
+    lr_num_cycles: int = 1  # cosine_with_restarts: the number of cosine cycles
+    lr_power: float = 1.0  # polynomial: the decay's power (1 = linear)
     max_grad_norm: Optional[float] = 1.0  # clip the LoRA gradients' global norm; null = no clipping
-    fused: Optional[bool] = None  # fused AdamW kernel; null = where the device supports it
+    fused: Optional[bool] = None  # adamw: fused AdamW kernel; null = where the device supports it
+    prodigy: ProdigySettings = field(default_factory=ProdigySettings)
+    adafactor: AdafactorSettings = field(default_factory=AdafactorSettings)
 
     def __post_init__(self):
         _check(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate such as 1e-4")
@@ -213,12 +256,32 @@ class OptimizerConfig:
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "use 0 or more")
         _check(self.eps > 0, "optimizer.eps", self.eps, "use a small positive number such as 1e-8")
         _check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", self.lr_warmup_steps, "use 0 or more")
+        _check(self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction < 1.0, "optimizer.lr_warmup_fraction",
+               self.lr_warmup_fraction, "use a fraction in [0, 1) of the run's steps, e.g. 0.05, or null")
+        _check(self.lr_warmup_fraction is None or self.lr_warmup_steps == 0, "optimizer.lr_warmup_fraction",
+               self.lr_warmup_fraction, f"optimizer.lr_warmup_steps={self.lr_warmup_steps} gives the warm-up too; "
+               "give one of them (the other 0 / null)")
+        warms_up = self.lr_warmup_steps > 0 or bool(self.lr_warmup_fraction)
+        _check(not (warms_up and self.lr_scheduler is LrScheduler.constant), "optimizer.lr_scheduler",
+               self.lr_scheduler.value, "constant has no warm-up (diffusers ignores it): use "
+               "optimizer.lr_scheduler=constant_with_warmup, or no warm-up")
+        _check(self.lr_num_cycles >= 1, "optimizer.lr_num_cycles", self.lr_num_cycles, "use 1 or more")
+        _check(self.lr_power > 0, "optimizer.lr_power", self.lr_power, "use a positive power such as 1.0")
         _check(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             "optimizer.max_grad_norm",
             self.max_grad_norm,
             "use a positive norm, or null to turn clipping off",
         )
+        _check(not self.fused or self.name is OptimizerName.adamw, "optimizer.fused", self.fused,
+               f"only adamw has a fused kernel here, and optimizer.name={self.name.value}: set optimizer.fused=null")
+        _check(not (self.scale_lr and self.name is OptimizerName.prodigy), "optimizer.scale_lr", self.scale_lr,
+               "Prodigy's lr multiplies the step size it estimates itself (keep it ~1.0), so it is not scaled by "
+               "the batch size: set optimizer.scale_lr=false")
+        relative = self.name is OptimizerName.adafactor and self.adafactor.relative_step
+        _check(not relative or (self.lr_scheduler is LrScheduler.constant and not warms_up),
+               "optimizer.adafactor.relative_step", True, "Adafactor then sets its own step size, which no lr "
+               "schedule scales: set optimizer.lr_scheduler=constant without warm-up, or relative_step=false")
 
 
 @dataclass

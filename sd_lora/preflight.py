@@ -18,6 +18,7 @@ from sd_lora.data import load_tables
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
 from sd_lora.model import lora_file, resolve_model_path
+from sd_lora.optim import check_optimizer
 from sd_lora.speed import check_speed_switches
 
 
@@ -95,6 +96,9 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
                                       "trainer.gradient_accumulation_steps")):
         with problems.check():
             check_speed_switches(cfg, backend)
+    if not problems.skips(("optimizer",)):
+        with problems.check():  # a missing optional package, or adamw8bit off CUDA
+            check_optimizer(cfg, backend.name if usable and not problems.skips(("device",)) else None)
     with problems.check():
         if "LOCAL_WORLD_SIZE" in os.environ:  # under accelerate launch / torchrun the launcher's count rules
             per_machine = int(os.environ["LOCAL_WORLD_SIZE"])
