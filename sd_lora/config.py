@@ -402,10 +402,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SD_LORA_CACHE") or Path.home() / ".cache" / "sd_lora")
 
 
-def _tiny_model_resolver() -> str:
+def _tiny_model_resolver(layout: str = "sd21") -> str:
     from sd_lora.demo import ensure_tiny_model  # imports torch: only when the tiny model is asked for
 
-    return str(ensure_tiny_model(cache_dir()))
+    return str(ensure_tiny_model(cache_dir(), layout))
 
 
 def _asset_resolver(name: str) -> str:
@@ -413,7 +413,7 @@ def _asset_resolver(name: str) -> str:
 
 
 def register_resolvers() -> None:
-    """`${sd_lora.tiny_model:}` builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled
+    """`${sd_lora.tiny_model:}` (`${sd_lora.tiny_model:sd15}`) builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled
     file. (`${sd_lora.job_name:}`, a sweep job's folder name, is registered by sd_lora.sweep, which launch.py
     imports: the config sits below the sweep machinery and does not import it.)"""
     OmegaConf.register_new_resolver("sd_lora.tiny_model", _tiny_model_resolver, replace=True)

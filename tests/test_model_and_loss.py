@@ -1,10 +1,12 @@
 """Model loading, LoRA injection, attention backends, training targets, Min-SNR and clipping.
 
-All on the tiny SD-2.1-shaped pipeline (real diffusers / transformers / peft classes), on the CPU.
+All on the tiny SD-2.1-shaped pipeline (and its SD-1.5-shaped twin; real diffusers / transformers / peft
+classes), on the CPU.
 """
 
 import pytest
 import torch
+from conftest import ROOT
 
 from sd_lora.config import Attention, LoraSettings, ModelConfig, PredictionType
 from sd_lora.model import add_lora, load_components, resolve_model_path
@@ -54,6 +56,42 @@ def test_min_snr_weights_follow_the_prediction_type(tiny_model_path, prediction_
     per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(diffusion_loss(pred, target, t, sched, gamma), (per_sample * weights).mean())
     torch.testing.assert_close(diffusion_loss(pred, target, t, sched, None), per_sample.mean())
+
+
+def test_sd15_and_sd21_layouts_take_the_same_path_to_their_own_targets(tiny_model_path, tiny_sd15_model_path):
+    """model=sd15 and model=sd21_base go through the same family, loader, LoRA injection and training step; what
+    differs is read from the folder: SD 1.5's epsilon target and its convolutional attention projections."""
+    from sd_lora.data import CaptionedImages, collate
+    from sd_lora.config import DatasetConfig
+
+    seen = {}
+    for name, path in (("sd21", tiny_model_path), ("sd15", tiny_sd15_model_path)):
+        comps = components(path)
+        unet, family = comps.unet, family_of(ModelConfig(pretrained_model_name_or_path=str(path)))
+        params = add_lora(unet, Attention.sdp, LoraSettings(rank=2))
+        proj_in = type(unet.down_blocks[0].attentions[0].proj_in).__name__
+        pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+        tokens = family.tokenize(comps.tokenizers, ["a red circle", "a blue square"])
+        models = StepModels(unet, comps.vae, comps.text_encoders, comps.noise_scheduler, torch.float32, family)
+        loss = train_step(models, {"pixel_values": pixels, **tokens}, 0.0, None,
+                          sample_generators([0, 1], 0, 0, "cpu"))
+        loss.backward()
+        seen[name] = (comps.noise_scheduler.config.prediction_type, proj_in, all(p.grad is not None for p in params))
+    assert seen == {"sd21": ("v_prediction", "Linear", True), "sd15": ("epsilon", "Conv2d", True)}
+
+
+def test_sd15_hub_id_is_read_from_the_local_cache_or_named_in_a_download_line(tmp_path, monkeypatch):
+    import hydra
+
+    import sd_lora.config  # noqa: F401  (schemas)
+    from sd_lora.config import to_config
+    from sd_lora.errors import UserError
+
+    with hydra.initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_config(hydra.compose("config", overrides=["model=sd15"]))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="hf download stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        resolve_model_path(cfg.model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
