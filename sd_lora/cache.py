@@ -5,7 +5,8 @@ the same captions; both are frozen, so their outputs can be computed once. The c
 change what is trained: it keeps each image's posterior mean and std (the latent is sampled anew
 every step, as the reference does), and when `random_flip` is on it keeps the flipped image's
 posterior too and picks one of the two per sample and epoch, from the sample's own seeded stream
-(see `sd_lora.data.sample_key`). With `dataset.on_bad_image=skip` rows whose image cannot be decoded
+(see `sd_lora.data.sample_key`). `dataset.caption_dropout` puts the empty caption's conditioning in place of
+the row's for the same samples as without the cache. With `dataset.on_bad_image=skip` rows whose image cannot be decoded
 are left out of the cache and listed in it ("skipped_rows").
 
 A cache is keyed by a hash of everything its contents depend on (model folder, revision, variant,
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 from sd_lora.config import Config, DatasetConfig, ModelConfig, OnFailure, cache_dir
-from sd_lora.data import _image_where, decode_or_skip, sample_key, train_transform
+from sd_lora.data import _image_where, decode_or_skip, drops_caption, sample_key, train_transform
 from sd_lora.errors import UserError
 from sd_lora.families import Components, family_of
 from sd_lora.files import save_safetensors
@@ -153,11 +154,16 @@ def load_or_build_cache(cfg: Config, model_path: Path, comps: Components, table,
 class CachedEmbeddings(torch.utils.data.Dataset):
     """Cached rows -> {"latent_mean", "latent_std", the text conditioning}; a random view when flipping."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], random_flip: bool):
+    def __init__(self, tensors: dict[str, torch.Tensor], random_flip: bool, caption_dropout: float = 0.0,
+                 empty_caption: dict[str, torch.Tensor] | None = None):
         self.mean, self.std = tensors["latent_mean"], tensors["latent_std"]
         self.text = {key: value for key, value in tensors.items()
                      if key not in ("latent_mean", "latent_std", "skipped_rows")}
         self.random_flip = random_flip
+        # dataset.caption_dropout: the empty caption's conditioning (one row per key) in place of the row's, drawn
+        # as the uncached data set draws it
+        assert not caption_dropout or empty_caption is not None
+        self.caption_dropout, self.empty_caption = caption_dropout, empty_caption
         self.skipped_rows = tensors["skipped_rows"].tolist() if "skipped_rows" in tensors else []
 
     def __len__(self) -> int:
@@ -166,5 +172,7 @@ class CachedEmbeddings(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         generator, index = sample_key(key)
         view = 1 if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5 else 0
-        return {"latent_mean": self.mean[index, view], "latent_std": self.std[index, view],
-                **{name: value[index] for name, value in self.text.items()}, "index": index}
+        text = {name: value[index] for name, value in self.text.items()}
+        if drops_caption(self.caption_dropout, key):
+            text = {name: value[0] for name, value in self.empty_caption.items()}
+        return {"latent_mean": self.mean[index, view], "latent_std": self.std[index, view], **text, "index": index}

@@ -174,6 +174,11 @@ class DatasetConfig:
     cache: bool = False  # encode every image (and its mirror image) and caption once; the VAE and text encoder then leave the accelerator
     cache_dir: Optional[str] = None  # where caches are kept; null = $SD_LORA_CACHE/embeddings
     on_bad_image: OnFailure = OnFailure.error  # an image that cannot be decoded: error, or skip (the next good row takes its place)
+    caption_files: bool = False  # path is a folder of images, each with its caption in a text file beside it (kohya's layout: a.png + a.txt)
+    caption_extension: str = ".txt"  # caption_files: the caption file's suffix
+    caption_dropout: float = 0.0  # probability that a sample trains with the empty caption (for classifier-free guidance)
+    shuffle_tags: bool = False  # shuffle a caption's comma-separated tags anew for each sample and epoch
+    keep_tags: int = 0  # shuffle_tags: the first N tags stay in place (kohya's keep_tokens)
 
     def __post_init__(self):
         _check(
@@ -193,6 +198,14 @@ class DatasetConfig:
                "use a fraction in [0, 1), e.g. 0.1")
         _check(not (self.validation_split and self.validation_source), "dataset.validation_source",
                self.validation_source, "give either dataset.validation_split or dataset.validation_source, not both")
+        _check(0.0 <= self.caption_dropout < 1.0, "dataset.caption_dropout", self.caption_dropout,
+               "use a probability in [0, 1), e.g. 0.1")
+        _check(self.keep_tags >= 0, "dataset.keep_tags", self.keep_tags, "use 0 or more")
+        _check(not (self.shuffle_tags and self.cache), "dataset.shuffle_tags", self.shuffle_tags,
+               "a shuffled caption differs every epoch, and the embedding cache holds one text embedding per row: "
+               "set dataset.cache=false to shuffle tags, or dataset.shuffle_tags=false to cache")
+        _check(self.caption_extension.startswith(".") and len(self.caption_extension) > 1, "dataset.caption_extension",
+               self.caption_extension, "give a file suffix with its dot, e.g. .txt or .caption")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Captioned image data: loading with 🤗 datasets, transforms, tokenisation, batches.
 
 Sources (`dataset.path`): a hub-layout folder (parquet or image files), an imagefolder with
-metadata.jsonl, a `save_to_disk` folder, or a hub id already in the local hub cache. Images are
+metadata.jsonl, a `save_to_disk` folder, a hub id already in the local hub cache, or (with
+`dataset.caption_files`) a folder of images each with its caption in a .txt file beside it (kohya's layout). Images are
 decoded here (not by datasets) so that a file that cannot be decoded is named by row and path.
 The transforms are those of diffusers' LoRA script (resize the short side with bilinear
 antialiasing, centre or random crop, random horizontal flip, scale to [-1, 1]), written on PIL and
@@ -9,7 +10,9 @@ numpy because torchvision is not a dependency. Nothing here touches the model or
 
 Randomness is a function of (seed, epoch, sample index) alone: `EpochShuffle` orders each epoch by
 (seed, epoch) and hands seed and epoch to the data set with every index, and the random crop, flip and
-caption choice of a sample come from a generator seeded by (seed, epoch, index). A run resumed in
+caption choice of a sample come from a generator seeded by (seed, epoch, index); its caption dropout and
+tag shuffle each from their own stream of the same key (`sample_stream`), so that the embedding cache, which
+draws no crop, drops the same captions. A run resumed in
 the middle of an epoch therefore sees the same samples, transformed the same way, as the run that
 was killed, whatever the number of worker processes.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import gc
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -105,7 +109,9 @@ def _read_split(cfg: DatasetConfig, split: str):
     path = resolve_local("dataset.path", cfg.path, repo_type="dataset", source_repo=cfg.source_repo,
                          missing_hint=cfg.missing_hint)
     try:
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        if cfg.caption_files:
+            table = _read_caption_folder(cfg, path, split)
+        elif (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             table = datasets.load_from_disk(str(path))
             if isinstance(table, datasets.DatasetDict):
                 table = _pick_split(table, split, path)
@@ -130,6 +136,38 @@ def _read_split(cfg: DatasetConfig, split: str):
     if isinstance(table.features[cfg.image_column], datasets.Image):
         table = table.cast_column(cfg.image_column, datasets.Image(decode=False))
     return table
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _read_caption_folder(cfg: DatasetConfig, path: Path, split: str):
+    """kohya's layout: every image under `path` (subfolders too, hidden ones left out) with its caption in the file
+    of the same name and `dataset.caption_extension` beside it. One split, train. The table holds the paths; its
+    fingerprint (the embedding cache's key) follows each file's size and modification time and the captions."""
+    import datasets
+
+    if split != "train":
+        raise UserError(f"dataset.caption_files=true reads one split, train, from {path}, and {split!r} was asked "
+                        "for: hold out data with dataset.validation_split instead")
+    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not images:
+        raise UserError(f"dataset.path={cfg.path!r} with dataset.caption_files=true: no images "
+                        f"({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    ext = cfg.caption_extension
+    missing = [p for p in images if not p.with_suffix(ext).is_file()]
+    if missing:
+        raise UserError(f"dataset.caption_files=true: {len(missing)} of {len(images)} images have no {ext} caption "
+                        f"beside them (the first is {missing[0]}); write one for each (a.png + a{ext}) or remove "
+                        "those images")
+    captions = [p.with_suffix(ext).read_text(encoding="utf-8").strip() for p in images]
+    digest = hashlib.sha256(json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns, c)
+                                        for p, c in zip(images, captions)]).encode()).hexdigest()[:16]
+    features = datasets.Features({cfg.image_column: datasets.Image(decode=False), cfg.caption_column: datasets.Value("string")})
+    table = datasets.Dataset.from_dict({cfg.image_column: [{"bytes": None, "path": str(p)} for p in images],
+                                        cfg.caption_column: captions}, features=features)
+    return datasets.Dataset(table.data, info=table.info, fingerprint=digest)
 
 
 def _pick_split(tables, split: str, path: Path):
@@ -215,6 +253,31 @@ def sample_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def caption_variant(caption: str, cfg: DatasetConfig, key) -> str:
+    """A caption with `dataset.shuffle_tags` and `dataset.caption_dropout` applied, each drawn from its own stream of
+    the sample's key (see `sample_stream`)."""
+    if cfg.shuffle_tags:
+        tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+        kept, rest = tags[:cfg.keep_tags], tags[cfg.keep_tags:]
+        order = torch.randperm(len(rest), generator=sample_stream(key, "tags")).tolist()
+        caption = ", ".join(kept + [rest[i] for i in order])
+    return "" if drops_caption(cfg.caption_dropout, key) else caption
+
+
+def drops_caption(probability: float, key) -> bool:
+    """Whether this sample (key) trains with the empty caption: the same draw with and without the embedding cache."""
+    return bool(probability) and float(torch.rand(1, generator=sample_stream(key, "caption_dropout"))) < probability
+
+
+def sample_stream(key, stream: str) -> torch.Generator | None:
+    """The sample's own generator for one use (`stream`), from a `(seed, epoch, index)` key; None (torch's global
+    RNG) for a plain index."""
+    if isinstance(key, tuple):
+        seed, epoch, index = key
+        return torch.Generator().manual_seed(sample_seed(seed, epoch, index, stream))
+    return None
+
+
 def sample_key(key) -> tuple[torch.Generator | None, int]:
     """(generator, index) for a data set key: `(seed, epoch, index)` from EpochShuffle, or a plain index.
 
@@ -263,6 +326,7 @@ class CaptionedImages(torch.utils.data.Dataset):
                                 f"cannot be decoded (rows {skipped[:5]}{' ...' if len(skipped) > 5 else ''}, each "
                                 "named in a warning above); check dataset.path")
         caption = pick_caption(row[self.cfg.caption_column], row_index, self.cfg.caption_column, generator)
+        caption = caption_variant(caption, self.cfg, key)
         pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator)
         tokens = {key: value[0] for key, value in self.tokenize([caption]).items()}
         item = {"pixel_values": pixels, **tokens, "index": index}

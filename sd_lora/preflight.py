@@ -71,7 +71,7 @@ class Problems:
 
 
 MODEL_KEYS = ("model.pretrained_model_name_or_path", "model.source_repo", "model.revision", "model.family")
-DATA_KEYS = ("dataset.path", "dataset.source_repo", "dataset.missing_hint", "dataset.split", "dataset.image_column",
+DATA_KEYS = ("dataset.path", "dataset.caption_files", "dataset.caption_extension", "dataset.source_repo", "dataset.missing_hint", "dataset.split", "dataset.image_column",
              "dataset.caption_column", "dataset.max_train_samples", "dataset.validation_split",
              "dataset.validation_source", "dataset.max_validation_samples", "trainer.seed",
              "trainer.validation_loss_seed", "trainer.validation_loss_steps")

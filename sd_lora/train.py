@@ -159,8 +159,9 @@ def build_data(cfg: Config, accelerator, family: ModelFamily, comps: Components,
         with accelerator.main_process_first():  # the main process builds, the others then read its file
             tensors = load_or_build_cache(cfg, checked.model_path, comps, checked.table, encode, accelerator.device,
                                         dtype)
+        empty = {k: v.float().cpu() for k, v in encode([""]).items()} if cfg.dataset.caption_dropout else None
         comps.move_frozen("cpu")  # not needed by the training step any more; validation brings them back
-        dataset = CachedEmbeddings(tensors, cfg.dataset.random_flip)
+        dataset = CachedEmbeddings(tensors, cfg.dataset.random_flip, cfg.dataset.caption_dropout, empty)
     else:
         dataset = CaptionedImages(checked.table, cfg.dataset, functools.partial(family.tokenize, comps.tokenizers))
     dataloader = build_dataloader(dataset, cfg.trainer.train_batch_size, cfg.dataset.num_workers, cfg.trainer.seed,

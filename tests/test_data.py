@@ -79,13 +79,27 @@ def write_hub_layout(root: Path) -> Path:
     return root
 
 
-LAYOUTS = {"imagefolder": write_imagefolder, "save_to_disk": write_save_to_disk, "hub_layout": write_hub_layout}
+def write_caption_files(root: Path, rows=ROWS) -> Path:
+    """kohya's layout: a.png + a.txt, some in a subfolder; a hidden folder's images are not data."""
+    (root / "sub").mkdir(parents=True)
+    (root / ".thumbs").mkdir()
+    for i, (name, colour, size) in enumerate(rows):
+        image = root / ("sub" if i % 2 else "") / f"{i:02d}.png"
+        solid(colour, size).save(image)
+        image.with_suffix(".txt").write_text(f"a {name} square\n")
+    solid((1, 2, 3), (8, 8)).save(root / ".thumbs" / "x.png")
+    return root
+
+
+LAYOUTS = {"imagefolder": write_imagefolder, "save_to_disk": write_save_to_disk, "hub_layout": write_hub_layout,
+           "caption_files": write_caption_files}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_load_table_and_captioned_images(layout, tmp_path, tokenizer, tokenize):
     path = LAYOUTS[layout](tmp_path / layout)
-    cfg = DatasetConfig(path=str(path), resolution=8, center_crop=True, random_flip=False)
+    cfg = DatasetConfig(path=str(path), resolution=8, center_crop=True, random_flip=False,
+                        caption_files=layout == "caption_files")
     table = load_table(cfg)
 
     assert len(table) == len(ROWS)
@@ -394,3 +408,67 @@ def test_load_tables_reads_once_what_the_training_loader_gives_and_holds_out_the
     assert load_tables(cfg, seed=3, validation_seed=5)[1]["text"] == held_out["text"]  # the seed fixes them
     assert load_tables(cfg, seed=3, validation_seed=6)[1]["text"] != held_out["text"]
     assert load_tables(DatasetConfig(path=str(SHAPES)))[1] is None
+
+
+# --------------------------------------------------------------------------------------------
+# captions: kohya's caption files, caption dropout and tag shuffling
+
+
+def test_caption_files_missing_one_is_named_and_an_edit_changes_the_fingerprint(tmp_path):
+    path = write_caption_files(tmp_path / "data")
+    cfg = DatasetConfig(path=str(path), caption_files=True)
+    before = load_table(cfg)._fingerprint
+    assert load_table(cfg)._fingerprint == before  # the embedding cache's key is stable
+    (path / "02.txt").write_text("a blue square, edited")
+    assert load_table(cfg)._fingerprint != before  # and follows the captions (and each image's size and time)
+    (path / "sub" / "01.txt").unlink()
+    with pytest.raises(UserError, match=r"1 of 4 images have no .txt caption beside them \(the first is .*01.png\)"):
+        load_table(cfg)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        load_table(DatasetConfig(path=str(empty), caption_files=True))
+
+
+def test_shuffled_tags_keep_the_first_ones_and_follow_the_sample_key():
+    from sd_lora.data import caption_variant
+
+    caption = "a corgi, red, blue, green, yellow, white, black, grass, sky"
+    tags = caption.split(", ")
+    cfg = DatasetConfig(path="d", shuffle_tags=True, keep_tags=1)
+    seen = set()
+    for epoch in range(8):
+        shuffled = caption_variant(caption, cfg, (0, epoch, 3))
+        assert shuffled == caption_variant(caption, cfg, (0, epoch, 3))  # a function of the key: resume is exact
+        parts = shuffled.split(", ")
+        assert parts[0] == "a corgi" and sorted(parts) == sorted(tags)
+        seen.add(shuffled)
+    assert len(seen) > 4  # and it does vary with the epoch
+    assert caption_variant(caption, DatasetConfig(path="d"), (0, 0, 3)) == caption  # off: untouched
+
+
+def test_caption_dropout_drops_the_same_samples_with_and_without_the_cache(tokenize):
+    """The uncached data set tokenizes the empty caption, the cached one puts in the empty caption's embedding:
+    for the same (seed, epoch, index) keys, at about the configured rate."""
+    from sd_lora.cache import CachedEmbeddings
+
+    rows = [("red", (255, 0, 0), (8, 8))] * 40
+    table = datasets.Dataset.from_dict({"image": [solid(c, s) for _, c, s in rows], "text": ["a red square"] * 40})
+    cfg = DatasetConfig(path="d", resolution=8, center_crop=True, caption_dropout=0.3)
+    images = CaptionedImages(table, cfg, tokenize)
+    empty_ids = tokenize([""])["input_ids"][0]
+    cached = CachedEmbeddings({"latent_mean": torch.zeros(40, 1, 4, 1, 1), "latent_std": torch.ones(40, 1, 4, 1, 1),
+                               "encoder_hidden_states": torch.ones(40, 2, 3)}, random_flip=False,
+                              caption_dropout=0.3, empty_caption={"encoder_hidden_states": torch.zeros(1, 2, 3)})
+    keys = [(0, epoch, i) for epoch in range(3) for i in range(40)]
+    dropped = [torch.equal(images[k]["input_ids"], empty_ids) for k in keys]
+    assert dropped == [not cached[k]["encoder_hidden_states"].any() for k in keys]
+    assert 0.2 < sum(dropped) / len(keys) < 0.4
+    assert not any(torch.equal(CaptionedImages(table, DatasetConfig(path="d", resolution=8, center_crop=True),
+                                               tokenize)[k]["input_ids"], empty_ids) for k in keys[:20])
+
+
+def test_shuffling_tags_with_the_embedding_cache_is_refused():
+    with pytest.raises(UserError, match="set dataset.cache=false to shuffle tags"):
+        DatasetConfig(path="d", shuffle_tags=True, cache=True)
+    DatasetConfig(path="d", caption_dropout=0.1, cache=True)  # dropout works with the cache
