@@ -159,6 +159,8 @@ FINGERPRINT_KEYS = {
     "model.lora.rank": "model.lora.rank",
     "model.lora.alpha": "model.lora.alpha",
     "model.lora.target_modules": "model.lora.target_modules",
+    "model.lora.use_dora": "model.lora.use_dora",
+    "model.lora.init_lora_weights": "model.lora.init_lora_weights",
     "training_samples": "the number of training samples (dataset.path, dataset.max_train_samples, "
                         "dataset.validation_split)",
 }
@@ -187,6 +189,8 @@ def run_fingerprint(cfg: Config, model_path: Path, table, num_processes: int) ->
         "model.lora.rank": lora.rank,
         "model.lora.alpha": lora.lora_alpha,
         "model.lora.target_modules": sorted(lora.target_modules),
+        "model.lora.use_dora": lora.use_dora,
+        "model.lora.init_lora_weights": lora.init_lora_weights.value,
         "training_samples": len(table),
         # warned about only: a moved folder, or another batch layout (which shifts the position inside the epoch)
         "model_path": str(Path(model_path).resolve()),

@@ -86,6 +86,15 @@ class LrScheduler(Enum):
     constant_with_warmup = "constant_with_warmup"  # warm-up, then lr
 
 
+class LoraInit(Enum):
+    """How peft initialises the LoRA matrices (`model.lora.init_lora_weights`)."""
+
+    gaussian = "gaussian"  # A ~ N(0, 1/rank), B = 0: starts as the base model (diffusers' choice)
+    kaiming = "kaiming"  # A Kaiming-uniform, B = 0 (peft's default)
+    pissa = "pissa"  # A, B from the frozen weight's principal singular vectors (the weight keeps the residual)
+    olora = "olora"  # A, B from a QR decomposition of the frozen weight (the weight keeps the residual)
+
+
 class LoraFormat(Enum):
     """A LoRA file layout written beside the diffusers one (sd_lora/export.py)."""
 
@@ -112,7 +121,8 @@ class LoraSettings:
     target_modules: List[str] = field(
         default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"]
     )  # U-Net module names (suffixes) that get a LoRA adapter
-    init_lora_weights: str = "gaussian"  # peft init: gaussian (diffusers' choice) or true (kaiming)
+    init_lora_weights: LoraInit = LoraInit.gaussian  # peft init; pissa/olora move part of the frozen weight into the LoRA, and the saved file is converted to a plain LoRA of rank 2 x rank that loads on the unchanged base
+    use_dora: bool = False  # peft's DoRA: a learned magnitude per output channel besides the LoRA direction (diffusers loads it; no kohya file)
     init_from: Optional[str] = None  # start from this LoRA (a file in diffusers' or kohya's layout, or a run dir); its rank, alpha and modules must be the configured ones
 
     def __post_init__(self):
@@ -124,6 +134,13 @@ class LoraSettings:
             "use a positive number, or null for alpha = rank",
         )
         _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "use 0 <= dropout < 1")
+        _check(not (self.use_dora and self.init_lora_weights in (LoraInit.pissa, LoraInit.olora)),
+               "model.lora.init_lora_weights", self.init_lora_weights.value,
+               "DoRA is trained from gaussian or kaiming here: use one of them, or model.lora.use_dora=false")
+        _check(not (self.init_from and self.init_lora_weights in (LoraInit.pissa, LoraInit.olora)),
+               "model.lora.init_lora_weights", self.init_lora_weights.value,
+               "model.lora.init_from gives the LoRA's start, which pissa/olora would compute from the frozen weight: "
+               "use gaussian, or leave init_from out")
         _check(
             len(self.target_modules) > 0,
             "model.lora.target_modules",

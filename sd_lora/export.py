@@ -66,6 +66,11 @@ def _pattern_value(patterns: dict, module: str, default):
 def diffusers_to_kohya(tensors: dict[str, torch.Tensor], header: dict) -> dict[str, torch.Tensor]:
     """diffusers-layout tensors and header -> kohya-layout tensors, each module with its alpha."""
     configs = _adapter_configs(header)
+    dora = [key for key in tensors if key.endswith("lora_magnitude_vector")]
+    if dora:
+        raise UserError(f"the LoRA is a DoRA ({len(dora)} magnitude vectors, e.g. {dora[0]}), which kohya's layout "
+                        "has no place for: use the diffusers file (lora/pytorch_lora_weights.safetensors, which "
+                        "diffusers' load_lora_weights reads), or train without model.lora.use_dora")
     out = {}
     for key, value in tensors.items():
         prefix, _, rest = key.partition(".")

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_lora.config import Config
+from sd_lora.config import Config, LoraFormat
 from sd_lora.data import load_tables
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
@@ -118,6 +118,10 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
             if not path.is_file():
                 raise UserError(f"model.lora.init_from={cfg.model.lora.init_from!r}: no LoRA file at "
                                 f"{path.resolve()}; give a .safetensors LoRA file or a run directory")
+    if cfg.model.lora.use_dora and LoraFormat.kohya in cfg.trainer.export_formats:
+        problems.found.append("model.lora.use_dora=true: kohya's layout (trainer.export_formats=[kohya], the default) "
+                              "has no place for DoRA's magnitude vectors; add trainer.export_formats=[] (the diffusers "
+                              "file lora/pytorch_lora_weights.safetensors is always written, and diffusers loads it)")
     if not problems.skips(DATA_KEYS):
         with problems.check():
             table, val_table = load_tables(cfg.dataset, seed=cfg.trainer.seed,

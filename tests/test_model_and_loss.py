@@ -166,3 +166,62 @@ def test_gradient_clipping_clips_the_lora_parameters(tiny_model_path):
     scale = 1.0 / norm_before
     for p, g in zip(params, before):  # same direction, scaled down
         torch.testing.assert_close(p.grad, g * scale, rtol=1e-3, atol=1e-8)
+
+
+def unet_output(unet):
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), text).sample
+
+
+@pytest.mark.parametrize("lora", [dict(use_dora=True), dict(init_lora_weights="pissa"), dict(init_lora_weights="olora"),
+                                  dict(init_lora_weights="kaiming")], ids=["dora", "pissa", "olora", "kaiming"])
+def test_every_lora_variant_saves_a_file_diffusers_loads_onto_the_unchanged_base(lora, tiny_model_path, tmp_path):
+    """The U-Net as trained (DoRA's magnitudes; PiSSA's / OLoRA's start taken out of the frozen fp16 weights) and the
+    unchanged base pipeline with the saved file give the same output, and not the base's."""
+    from diffusers import StableDiffusionPipeline
+
+    from sd_lora.config import LoraInit
+    from sd_lora.model import save_lora
+
+    settings = LoraSettings(rank=2, alpha=4, **{k: LoraInit(v) if k == "init_lora_weights" else v
+                                                 for k, v in lora.items()})
+    unet = components(tiny_model_path, dtype=torch.float16).unet
+    base_weight = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().clone()
+    params = add_lora(unet, Attention.sdp, settings)
+    mutated = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight
+    assert torch.equal(mutated, base_weight) == (settings.init_lora_weights not in (LoraInit.pissa, LoraInit.olora))
+    assert all(p.dtype == torch.float32 for p in params)
+    torch.manual_seed(1)
+    for p in params:  # as if trained
+        p.data += 0.05 * torch.randn_like(p)
+    unet.float()
+    trained = unet_output(unet)
+    path = save_lora({"unet": unet}, tmp_path / "lora")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    base = unet_output(pipe.unet)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    config = pipe.unet.peft_config["default_0"]
+    mutating = settings.init_lora_weights in (LoraInit.pissa, LoraInit.olora)
+    assert (config.r, config.lora_alpha, config.use_dora) == ((4, 8.0) if mutating else (2, 4.0)) + (settings.use_dora,)
+    loaded = unet_output(pipe.unet)
+    assert (trained - base).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, trained, atol=5e-3, rtol=0)  # the frozen weights were fp16 in training
+
+
+def test_a_dora_lora_is_refused_in_kohyas_layout_before_work_and_by_the_converter(tiny_model_path, tmp_path):
+    from sd_lora.config import Config, DatasetConfig, DeviceConfig, DeviceType
+    from sd_lora.errors import UserError
+    from sd_lora.export import diffusers_to_kohya
+    from sd_lora.preflight import checks_before_work
+
+    with pytest.raises(UserError, match=r"model.lora.use_dora=true: kohya's layout .* add trainer.export_formats=\[\]"):
+        checks_before_work(Config(model=ModelConfig(pretrained_model_name_or_path=str(tiny_model_path),
+                                                    lora=LoraSettings(use_dora=True)),
+                                  dataset=DatasetConfig(path=str(ROOT / "sd_lora" / "assets" / "shapes")),
+                                  device=DeviceConfig(type=DeviceType.cpu)))
+    with pytest.raises(UserError, match=r"the LoRA is a DoRA \(1 magnitude vectors"):
+        diffusers_to_kohya({"unet.a.lora.down.weight": torch.zeros(2, 4), "unet.a.lora.up.weight": torch.zeros(4, 2),
+                            "unet.a.lora_magnitude_vector": torch.ones(4)}, {"lora_adapter_metadata": "{}"})

@@ -26,7 +26,7 @@ def lora_unet(tiny_model_path):
 
     torch.manual_seed(0)
     unet = load_components(ModelConfig(pretrained_model_name_or_path=str(tiny_model_path)), tiny_model_path).unet
-    params = add_lora(unet, Attention.sdp, LoraSettings(rank=2, init_lora_weights="true"))  # B != 0: A gets gradients
+    params = add_lora(unet, Attention.sdp, LoraSettings(rank=2))
     return unet, params
 
 
