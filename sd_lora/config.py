@@ -108,6 +108,16 @@ class OnFailure(Enum):
     skip = "skip"  # leave it out, log it and count it in report.json
 
 
+class Tracker(Enum):
+    """An experiment tracker that accelerate drives (`trainer.report_to`); each but tensorboard is an optional extra."""
+
+    tensorboard = "tensorboard"  # <run dir>/tensorboard/ (installed with sd-lora); the only one that gets validation images
+    wandb = "wandb"  # Weights & Biases (pip install -e ".[wandb]"); WANDB_* variables pick the account and mode
+    mlflow = "mlflow"  # MLflow (".[mlflow]"); MLFLOW_TRACKING_URI picks the server, else files under <run dir>/tensorboard
+    aim = "aim"  # Aim (".[aim]"); its repository under <run dir>/tensorboard
+    comet_ml = "comet_ml"  # Comet (".[comet]"); COMET_* variables pick the account
+
+
 def _check(ok: bool, key: str, value, fix: str) -> None:
     if not ok:
         raise UserError(f"{key}={value!r} is invalid: {fix}")
@@ -350,6 +360,7 @@ class TrainerConfig:
     validation_epochs: int = 1  # render validation prompts every N epochs and at the end
     num_validation_images: int = 4  # images per validation prompt
     num_inference_steps: int = 30  # denoising steps for validation images
+    report_to: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])  # trackers that get loss, lr, throughput and the config: tensorboard, wandb, mlflow, aim, comet_ml ([] = none)
     export_formats: List[LoraFormat] = field(default_factory=lambda: [LoraFormat.kohya])  # LoRA layouts written beside lora/pytorch_lora_weights.safetensors (always written: generate and resume read it); kohya -> lora/<run dir name>.safetensors
     seed: int = 0  # seeds python, numpy, torch and every device generator
     skip_steps: int = 10  # optimizer steps left out of the report's timing (warm-up)

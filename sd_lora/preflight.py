@@ -19,6 +19,7 @@ from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
 from sd_lora.model import lora_file, resolve_model_path
 from sd_lora.optim import check_optimizer
+from sd_lora.report import check_trackers
 from sd_lora.speed import check_speed_switches
 
 
@@ -118,6 +119,9 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
             if not path.is_file():
                 raise UserError(f"model.lora.init_from={cfg.model.lora.init_from!r}: no LoRA file at "
                                 f"{path.resolve()}; give a .safetensors LoRA file or a run directory")
+    if not problems.skips(("trainer.report_to",)):
+        with problems.check():
+            check_trackers(cfg)
     if cfg.model.lora.use_dora and LoraFormat.kohya in cfg.trainer.export_formats:
         problems.found.append("model.lora.use_dora=true: kohya's layout (trainer.export_formats=[kohya], the default) "
                               "has no place for DoRA's magnitude vectors; add trainer.export_formats=[] (the diffusers "

@@ -118,7 +118,7 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path, compile_mode
     return Accelerator(
         mixed_precision=cfg.precision.mixed_precision.value,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=[tracker.value for tracker in cfg.trainer.report_to],
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         dataloader_config=DataLoaderConfiguration(non_blocking=backend.name != "cpu"),
         **kwargs,
