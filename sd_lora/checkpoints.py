@@ -161,6 +161,7 @@ FINGERPRINT_KEYS = {
     "model.lora.target_modules": "model.lora.target_modules",
     "model.lora.use_dora": "model.lora.use_dora",
     "model.lora.init_lora_weights": "model.lora.init_lora_weights",
+    "trainer.ema": "trainer.ema (the checkpoint holds the moving average only with it)",
     "training_samples": "the number of training samples (dataset.path, dataset.max_train_samples, "
                         "dataset.validation_split)",
 }
@@ -191,6 +192,7 @@ def run_fingerprint(cfg: Config, model_path: Path, table, num_processes: int) ->
         "model.lora.target_modules": sorted(lora.target_modules),
         "model.lora.use_dora": lora.use_dora,
         "model.lora.init_lora_weights": lora.init_lora_weights.value,
+        "trainer.ema": cfg.trainer.ema,
         "training_samples": len(table),
         # warned about only: a moved folder, or another batch layout (which shifts the position inside the epoch)
         "model_path": str(Path(model_path).resolve()),

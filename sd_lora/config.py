@@ -379,6 +379,9 @@ class TrainerConfig:
     compile_encoders: bool = False  # dataset.cache=false: also torch.compile the VAE encoder, which then runs every step
     compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs, or auto (reduce-overhead on CUDA with dataset.cache and no gradient accumulation, else the default)
     compile_ddp_split: bool = False  # several processes, compiled U-Net: split its graph at DDP's gradient buckets so the all-reduce overlaps the backward (torch's DDPOptimizer); off: one graph, and the LoRA's gradients (a few MB) all-reduced after the backward
+    ema: bool = False  # keep an exponential moving average of the LoRA weights: validated and saved in their place (checkpoints keep both)
+    ema_decay: float = 0.9999  # the EMA's decay; it ramps up as (1+n)/(10+n) to this (diffusers' EMAModel)
+    ema_start_step: int = 0  # optimizer steps before the EMA starts averaging (until then it copies the weights)
     on_nonfinite_loss: OnFailure = OnFailure.error  # NaN/Inf loss or gradient norm: error (stop; checkpoints stay good) or skip the optimizer step (one host sync per step)
 
     def __post_init__(self):
@@ -404,6 +407,8 @@ class TrainerConfig:
         _check(self.snr_gamma is None or self.snr_gamma > 0, "trainer.snr_gamma", self.snr_gamma,
                "use a positive gamma such as 5.0, or null to turn Min-SNR weighting off")
         _check(self.noise_offset >= 0, "trainer.noise_offset", self.noise_offset, "use 0 or more")
+        _check(0.0 < self.ema_decay < 1.0, "trainer.ema_decay", self.ema_decay, "use a decay in (0, 1), e.g. 0.9999")
+        _check(self.ema_start_step >= 0, "trainer.ema_start_step", self.ema_start_step, "use 0 or more")
         modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "auto")
         _check(self.compile_mode in modes, "trainer.compile_mode", self.compile_mode, f"use one of {list(modes)}")
 

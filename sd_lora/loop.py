@@ -38,6 +38,7 @@ class Training:
     evaluate: Callable | None = None  # (unet, state) -> validation loss; main process only
     render: Callable | None = None  # (epoch, step) -> validation images; main process only
     after_step: Callable[[int], None] = lambda step: None  # scheduled garbage collection, profiler
+    ema: object = None  # ema.LoraEma (trainer.ema): follows every optimizer step taken
 
 
 def run_loop(tr: Training) -> None:
@@ -77,6 +78,8 @@ def run_loop(tr: Training) -> None:
                     scale = state.guard.scale_before_step() if accelerator.sync_gradients else None
                     tr.optimizer.step()
                     state.guard.count_scaler_skip(scale)
+                    if tr.ema is not None and accelerator.sync_gradients:
+                        tr.ema.step()
                 tr.lr_scheduler.step()  # also after a withheld step: the schedule follows the step count
                 tr.optimizer.zero_grad(set_to_none=True)
             state.skipped_image_rows.update(batch.get("skipped_rows", ()))

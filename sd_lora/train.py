@@ -11,6 +11,7 @@ Each piece lives in its own room and is only called from here:
     guard.py       NaN/Inf in the loss or gradients, grad-scaler skips
     loop.py        the epoch and step loop
     checkpoints.py whole-or-absent checkpoints and exact resume
+    ema.py         the moving average of the LoRA weights (trainer.ema)
     evaluation.py  the validation loss and validation images
     report.py, provenance.py   report.json, tensorboard hparams, how the run was made
 Side effects (files, logs, validation images) happen on the main process only.
@@ -85,6 +86,7 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
     lr_scheduler = build_lr_scheduler(cfg, optimizer, length.max_train_steps, accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(comps.unet, optimizer, lr_scheduler)
     register_checkpoint_hooks(accelerator, unet)
+    ema = build_ema(cfg, accelerator, lora_params)  # before the resume, which restores it
 
     state = resume(accelerator, cfg, resume_path, length.steps_per_epoch) if resume_path else RunState()
     state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir)
@@ -101,8 +103,10 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
     if accelerator.is_main_process and cfg.trainer.validation_prompts and cfg.trainer.num_validation_images > 0:
         render = functools.partial(render_validation_images, cfg, accelerator, family, comps, unet, checked.model_path,
                                    run_dir, dtype)
+    if ema is not None:  # the EMA's weights are what is validated
+        evaluate, render = ema.under_ema(evaluate), ema.under_ema(render)
     tr = Training(cfg, accelerator, models, lora_params, optimizer, lr_scheduler, dataloader, shuffle, state,
-                  Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render)
+                  Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render, ema=ema)
     run_timed(tr, checked.backend)
     return finish(tr, checked, family, speed, t0)
 
@@ -118,11 +122,22 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path, compile_mode
     return Accelerator(
         mixed_precision=cfg.precision.mixed_precision.value,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
-        log_with=[tracker.value for tracker in cfg.trainer.report_to],
+        log_with=[tracker.value for tracker in cfg.trainer.report_to] or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         dataloader_config=DataLoaderConfiguration(non_blocking=backend.name != "cpu"),
         **kwargs,
     )
+
+
+def build_ema(cfg: Config, accelerator, lora_params: list[torch.nn.Parameter]):
+    """trainer.ema: the moving average of the LoRA weights, saved and restored with every checkpoint; or None."""
+    if not cfg.trainer.ema:
+        return None
+    from sd_lora.ema import LoraEma
+
+    ema = LoraEma(lora_params, cfg.trainer)
+    accelerator.register_for_checkpointing(ema)
+    return ema
 
 
 def seed_everything(cfg: Config, backend: Backend) -> None:
@@ -227,8 +242,9 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
     report = None
     if accelerator.is_main_process:
         base = accelerator.unwrap_model(tr.models.unet, keep_torch_compile=False)
-        lora_file = save_lora(family.lora_modules(base), run_dir / "lora",
-                              metadata={"sd_lora_config": config_json(tr.cfg)})
+        with tr.ema.applied() if tr.ema is not None else contextlib.nullcontext():  # the EMA's weights are the LoRA
+            lora_file = save_lora(family.lora_modules(base), run_dir / "lora",
+                                  metadata={"sd_lora_config": config_json(tr.cfg)})
         export_lora(tr, base, lora_file, len(checked.table))
         report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
                               tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed)
