@@ -201,6 +201,10 @@ class DatasetConfig:
     cache: bool = False  # encode every image (and its mirror image) and caption once; the VAE and text encoder then leave the accelerator
     cache_dir: Optional[str] = None  # where caches are kept; null = $SD_LORA_CACHE/embeddings
     on_bad_image: OnFailure = OnFailure.error  # an image that cannot be decoded: error, or skip (the next good row takes its place)
+    buckets: bool = False  # aspect-ratio buckets: each image resized to the bucket (about resolution² px) nearest its aspect ratio, cropped only by the rounding; each batch one bucket
+    bucket_step: int = 64  # buckets: their edges are multiples of this, px
+    bucket_min_edge: Optional[int] = None  # buckets: the shortest edge, px; null = half the resolution
+    bucket_max_edge: Optional[int] = None  # buckets: the longest edge, px; null = twice the resolution
     caption_files: bool = False  # path is a folder of images, each with its caption in a text file beside it (kohya's layout: a.png + a.txt)
     caption_extension: str = ".txt"  # caption_files: the caption file's suffix
     caption_dropout: float = 0.0  # probability that a sample trains with the empty caption (for classifier-free guidance)
@@ -231,8 +235,24 @@ class DatasetConfig:
         _check(not (self.shuffle_tags and self.cache), "dataset.shuffle_tags", self.shuffle_tags,
                "a shuffled caption differs every epoch, and the embedding cache holds one text embedding per row: "
                "set dataset.cache=false to shuffle tags, or dataset.shuffle_tags=false to cache")
+        if self.buckets:
+            _check(self.bucket_step >= 8 and self.bucket_step % 8 == 0, "dataset.bucket_step", self.bucket_step,
+                   "the VAE downsamples by 8; use a multiple of 8 such as 64")
+            lo, hi = self.bucket_edges()
+            _check(lo <= self.resolution <= hi and lo >= self.bucket_step, "dataset.bucket_min_edge",
+                   self.bucket_min_edge, f"with dataset.bucket_max_edge={self.bucket_max_edge} the edges must "
+                   f"enclose dataset.resolution={self.resolution} and be at least dataset.bucket_step={self.bucket_step}")
+            _check(not self.cache, "dataset.buckets", True, "the embedding cache holds square crops: set "
+                   "dataset.cache=false to train in buckets, or dataset.buckets=false to cache")
         _check(self.caption_extension.startswith(".") and len(self.caption_extension) > 1, "dataset.caption_extension",
                self.caption_extension, "give a file suffix with its dot, e.g. .txt or .caption")
+
+    def bucket_edges(self) -> tuple[int, int]:
+        """(shortest, longest) bucket edge in px, the defaults worked out and rounded to bucket_step."""
+        step = self.bucket_step
+        lo = self.bucket_min_edge if self.bucket_min_edge is not None else max(step, self.resolution // 2 // step * step)
+        hi = self.bucket_max_edge if self.bucket_max_edge is not None else 2 * self.resolution // step * step
+        return lo, hi
 
 
 @dataclass

@@ -24,6 +24,7 @@ import gc
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -222,17 +223,119 @@ def train_transform(image: Image.Image, resolution: int, center_crop: bool, rand
         size = (int(resolution * w / h), resolution)
     if size != (w, h):
         image = image.resize(size, Image.BILINEAR)  # PIL antialiases when downscaling, as torchvision does on PIL
-    w, h = image.size
+    return _crop_flip(image, (resolution, resolution), center_crop, random_flip, generator)[0]
+
+
+def _crop_flip(image: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool,
+               generator: torch.Generator | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Crop a resized image to `size` (width, height), centred or at a random offset, maybe flip; CHW float in
+    [-1, 1] and the crop's (top, left)."""
+    (w, h), (cw, ch) = image.size, size
     if center_crop:
-        left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+        left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
     else:
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + cw, top + ch))
     if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0, (top, left)
+
+
+# ---- aspect-ratio buckets (dataset.buckets): kohya's and SimpleTuner's "aspect ratio bucketing"
+
+
+def make_buckets(cfg: DatasetConfig) -> list[tuple[int, int]]:
+    """The buckets (width, height): edges multiples of bucket_step between the min and max edge, each as close to
+    resolution² pixels as the step allows without exceeding it, both orientations (kohya's rule)."""
+    lo, hi = cfg.bucket_edges()
+    step, area = cfg.bucket_step, cfg.resolution * cfg.resolution
+    found = set()
+    for width in range(lo, hi + 1, step):
+        height = min(hi, area // width // step * step)
+        if height >= lo:
+            found.update({(width, height), (height, width)})
+    return sorted(found)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> int:
+    """The index of the bucket whose aspect ratio is nearest the image's (on a log scale: 2:1 is as far from 1:1 as
+    1:2); of two as near, the larger."""
+    ratio = math.log(size[0] / size[1])
+    return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio),
+                                                   -buckets[i][0] * buckets[i][1]))
+
+
+def bucket_transform(image: Image.Image, bucket: tuple[int, int], center_crop: bool, random_flip: bool,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the image to cover the bucket (the smallest size that does, aspect ratio kept), crop the rounding's
+    excess (centred, or at a random offset), maybe flip; CHW float in [-1, 1] and the crop's (top, left)."""
+    (w, h), (bw, bh) = image.size, bucket
+    scale = max(bw / w, bh / h)
+    size = (max(bw, round(w * scale)), max(bh, round(h * scale)))
+    if size != (w, h):
+        image = image.resize(size, Image.BILINEAR)
+    return _crop_flip(image, bucket, center_crop, random_flip, generator)
+
+
+def image_size(cell) -> tuple[int, int] | None:
+    """An image cell's (width, height) from its header alone (no decode); None if it cannot be opened."""
+    try:
+        if isinstance(cell, Image.Image):
+            return cell.size
+        if isinstance(cell, dict) and cell.get("bytes"):
+            return Image.open(io.BytesIO(cell["bytes"])).size
+        path = cell.get("path") if isinstance(cell, dict) else cell
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # named where the row is decoded (dataset.on_bad_image)
+        return None
+
+
+class BucketBatches(torch.utils.data.Sampler):
+    """Batches of `(seed, epoch, index)` keys, each from one bucket: the rows of each bucket in an order drawn from
+    (seed, epoch, bucket), cut into groups of batch_size x num_processes, the groups in an order drawn from
+    (seed, epoch). A group is `num_processes` consecutive batches, which accelerate deals out one to each process,
+    so that every process trains the same bucket at each step (DDP's shapes agree). A bucket's last, smaller
+    group is split evenly over the processes, or dropped with `drop_last` (or when it has fewer rows than there
+    are processes). As EpochShuffle: the loop sets `epoch`; left alone it counts up by one per pass."""
+
+    def __init__(self, bucket_of: list[int], buckets: list[tuple[int, int]], batch_size: int, seed: int,
+                 num_processes: int = 1, drop_last: bool = False):
+        self.rows = {b: [i for i, x in enumerate(bucket_of) if x == b] for b in sorted(set(bucket_of))}
+        self.counts = {f"{buckets[b][0]}x{buckets[b][1]}": len(rows) for b, rows in self.rows.items()}
+        # no `batch_size` attribute: accelerate then takes the batches as of varying length and deals out each one
+        # (with one, it holds back every group of processes' batches whose last batch is smaller)
+        self.per_batch, self.seed, self.num_processes, self.drop_last = batch_size, seed, num_processes, drop_last
+        self.epoch = 0
+        self.num_batches = sum(len(group) for rows in self.rows.values() for group in self._groups(rows))
+
+    def _groups(self, rows: list[int]) -> list[list[list[int]]]:
+        n, size = self.num_processes, self.per_batch * self.num_processes
+        groups = []
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            if len(chunk) < size and (self.drop_last or len(chunk) < n):
+                continue
+            groups.append([chunk[k * len(chunk) // n:(k + 1) * len(chunk) // n] for k in range(n)])
+        return groups
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        groups = []
+        for bucket, rows in self.rows.items():
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(
+                sample_seed(self.seed, epoch, "bucket", bucket))).tolist()
+            groups += self._groups([rows[i] for i in order])
+        shuffled = torch.randperm(len(groups), generator=torch.Generator().manual_seed(
+            sample_seed(self.seed, epoch, "buckets"))).tolist()
+        for g in shuffled:
+            for batch in groups[g]:
+                yield [(self.seed, epoch, index) for index in batch]
 
 
 def pick_caption(value, index: int, column: str, generator: torch.Generator | None = None) -> str:
@@ -306,6 +409,11 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __init__(self, table, cfg: DatasetConfig, tokenize: Callable[[list[str]], dict[str, torch.Tensor]]):
         self.table, self.cfg, self.tokenize = table, cfg, tokenize
+        self.buckets, self.bucket_of = None, None
+        if cfg.buckets:  # each row's bucket, from the image headers (a row that cannot be opened: the square one)
+            self.buckets = make_buckets(cfg)
+            self.bucket_of = [nearest_bucket(size or (1, 1), self.buckets)
+                              for size in map(image_size, table[cfg.image_column])]
 
     def __len__(self) -> int:
         return len(self.table)
@@ -327,9 +435,16 @@ class CaptionedImages(torch.utils.data.Dataset):
                                 "named in a warning above); check dataset.path")
         caption = pick_caption(row[self.cfg.caption_column], row_index, self.cfg.caption_column, generator)
         caption = caption_variant(caption, self.cfg, key)
-        pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator)
         tokens = {key: value[0] for key, value in self.tokenize([caption]).items()}
-        item = {"pixel_values": pixels, **tokens, "index": index}
+        if self.buckets is None:
+            pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator)
+            item = {"pixel_values": pixels, **tokens, "index": index}
+        else:  # the slot's bucket (a skipped row's replacement takes it too); sizes kept for SDXL's time ids
+            original = (image.size[1], image.size[0])
+            pixels, crop = bucket_transform(image, self.buckets[self.bucket_of[index]], self.cfg.center_crop,
+                                            self.cfg.random_flip, generator)
+            item = {"pixel_values": pixels, **tokens, "index": index, "original_size": torch.tensor(original),
+                    "crop_top_left": torch.tensor(crop)}
         if skipped:
             item["skipped_rows"] = skipped
         return item
@@ -375,9 +490,16 @@ class EpochShuffle(torch.utils.data.Sampler):
             yield self.seed, epoch, index
 
 
+def epoch_order(loader: torch.utils.data.DataLoader):
+    """What orders a loader's epochs (EpochShuffle, or BucketBatches): the loop tells it the epoch."""
+    return loader.batch_sampler if isinstance(loader.batch_sampler, BucketBatches) else loader.sampler
+
+
 def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, seed: int,
-                     pin_memory: bool = False, collate_fn=collate, drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """A loader shuffled by `EpochShuffle` (its `.sampler`); `seed` also seeds every sample's random transforms."""
+                     pin_memory: bool = False, collate_fn=collate, drop_last: bool = False,
+                     num_processes: int = 1) -> torch.utils.data.DataLoader:
+    """A loader shuffled by `EpochShuffle` (its `.sampler`), or batched by `BucketBatches` where the data set has
+    buckets; `seed` also seeds every sample's random transforms."""
     # The loader's own generator only seeds worker processes, whose global RNGs nothing here uses;
     # giving one keeps the loader from drawing that seed from torch's global RNG, a stream that a
     # resumed run must find exactly where the killed run left it.
@@ -386,18 +508,15 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_wor
     if num_workers > cores:  # more would only contend (torch warns about it too)
         log.info("dataset.num_workers=%d: %d core(s) available here, so %d loader worker(s)", num_workers, cores, cores)
         num_workers = cores
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochShuffle(len(dataset), seed),
-        generator=generator,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        drop_last=drop_last,
-        worker_init_fn=_collect_garbage_in_worker if num_workers > 0 else None,
-    )
+    workers = dict(generator=generator, collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
+                   persistent_workers=num_workers > 0,
+                   worker_init_fn=_collect_garbage_in_worker if num_workers > 0 else None)
+    if getattr(dataset, "bucket_of", None) is not None:
+        batches = BucketBatches(dataset.bucket_of, dataset.buckets, batch_size, seed, num_processes, drop_last)
+        log.info("dataset.buckets: %d buckets (width x height: samples) %s", len(batches.counts), batches.counts)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed),
+                                       drop_last=drop_last, **workers)
 
 
 def _collect_garbage_in_worker(worker_id: int) -> None:

@@ -31,7 +31,7 @@ import torch
 from sd_lora.checkpoints import (RunState, check_resume, finished_run, outputs_written, register_checkpoint_hooks,
                                   resume, run_fingerprint, save_checkpoint)
 from sd_lora.config import Config
-from sd_lora.data import CaptionedImages, build_dataloader, collate
+from sd_lora.data import CaptionedImages, build_dataloader, collate, epoch_order
 from sd_lora.devices import Backend
 from sd_lora.errors import UserError
 from sd_lora.evaluation import build_evaluator, render_validation_images
@@ -78,7 +78,7 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack) -> dict | No
     if checked.val_table is not None and accelerator.is_main_process:  # encoded now, while the VAE is on the device
         evaluate = build_evaluator(cfg, accelerator, family, comps, checked.val_table, dtype)
     dataset, dataloader = build_data(cfg, accelerator, family, comps, checked, dtype)
-    shuffle = dataloader.sampler  # data.EpochShuffle: the loop tells it the epoch
+    shuffle = epoch_order(dataloader)  # data.EpochShuffle or data.BucketBatches: the loop tells it the epoch
     dataloader = accelerator.prepare(dataloader)  # sharded first, so that steps are counted as they will run
     length = run_length(cfg, len(dataloader))
     optimizer = build_optimizer(cfg, lora_params, accelerator.num_processes,
@@ -181,7 +181,7 @@ def build_data(cfg: Config, accelerator, family: ModelFamily, comps: Components,
         dataset = CaptionedImages(checked.table, cfg.dataset, functools.partial(family.tokenize, comps.tokenizers))
     dataloader = build_dataloader(dataset, cfg.trainer.train_batch_size, cfg.dataset.num_workers, cfg.trainer.seed,
                                   pin_memory=checked.backend.name != "cpu", collate_fn=collate,
-                                  drop_last=cfg.dataset.drop_last)
+                                  drop_last=cfg.dataset.drop_last, num_processes=accelerator.num_processes)
     if len(dataloader) == 0:
         raise UserError(f"dataset.drop_last=true leaves no batch: {len(dataset)} samples < trainer.train_batch_size="
                         f"{cfg.trainer.train_batch_size}; lower the batch size or set dataset.drop_last=false")
@@ -248,6 +248,8 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
         export_lora(tr, base, lora_file, len(checked.table))
         report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
                               tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed)
+        if hasattr(tr.shuffle, "counts"):  # dataset.buckets: the samples in each bucket
+            report["buckets"] = tr.shuffle.counts
         log.info("done: LoRA %s, report %s", lora_file, write_report(run_dir, report))
     accelerator.end_training()
     return report

@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import noise
+from conftest import noise, noise_image
 from PIL import Image
 
 import sd_lora
@@ -472,3 +472,94 @@ def test_shuffling_tags_with_the_embedding_cache_is_refused():
     with pytest.raises(UserError, match="set dataset.cache=false to shuffle tags"):
         DatasetConfig(path="d", shuffle_tags=True, cache=True)
     DatasetConfig(path="d", caption_dropout=0.1, cache=True)  # dropout works with the cache
+
+
+# --------------------------------------------------------------------------------------------
+# aspect-ratio buckets
+
+
+def test_buckets_hold_the_pixel_budget_and_crop_an_image_only_by_the_rounding():
+    from sd_lora.data import bucket_transform, make_buckets, nearest_bucket
+
+    cfg = DatasetConfig(path="d", resolution=512, buckets=True, center_crop=True)
+    buckets = make_buckets(cfg)
+    assert (512, 512) in buckets and all((h, w) in buckets for w, h in buckets)  # both orientations
+    assert all(w % 64 == 0 and h % 64 == 0 and 256 <= min(w, h) and max(w, h) <= 1024 for w, h in buckets)
+    assert all(512 * 512 - 64 * max(w, h) < w * h <= 512 * 512 for w, h in buckets)  # about the square's pixels
+
+    def lost(size, bucket):  # the fraction of the image a crop to the bucket's aspect ratio loses
+        ratio = (size[0] / size[1]) / (bucket[0] / bucket[1])
+        return 1 - min(ratio, 1 / ratio)
+
+    for size in [(1000, 500), (333, 1000), (640, 480), (512, 512), (1920, 1080), (300, 290), (2000, 260)]:
+        bucket = buckets[nearest_bucket(size, buckets)]
+        pixels, (top, left) = bucket_transform(noise_image(*size), bucket, center_crop=True, random_flip=False)
+        assert pixels.shape == (3, bucket[1], bucket[0])
+        # no bucket would crop less, and far less than the square crop of dataset.buckets=false
+        assert lost(size, bucket) == pytest.approx(min(lost(size, b) for b in buckets))
+        assert lost(size, bucket) <= lost(size, (512, 512))
+        scale = max(bucket[0] / size[0], bucket[1] / size[1])  # the resized image covers the bucket, no more
+        assert 2 * top <= round(size[1] * scale) - bucket[1] + 1 and 2 * left <= round(size[0] * scale) - bucket[0] + 1
+
+
+def test_bucket_batches_give_every_process_the_same_bucket_each_step_and_resume_exactly():
+    from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
+
+    from sd_lora.data import BucketBatches
+
+    bucket_of = [0] * 11 + [1] * 6 + [2] * 1 + [3] * 5  # 23 rows in 4 buckets; 4 rows per step
+    buckets = [(64, 64), (96, 32), (32, 96), (128, 32)]
+
+    def per_process(epoch, drop_last=False, skip=0):
+        out = []
+        for rank in range(2):
+            batches = BucketBatches(bucket_of, buckets, batch_size=2, seed=3, num_processes=2, drop_last=drop_last)
+            batches.epoch = epoch
+            shard = BatchSamplerShard(batches, num_processes=2, process_index=rank)
+            out.append([[i for _, _, i in b] for b in (SkipBatchSampler(shard, skip) if skip else shard)])
+        return out
+
+    for drop_last in (False, True):
+        rank0, rank1 = per_process(1, drop_last)
+        assert len(rank0) == len(rank1) == len(BucketBatches(bucket_of, buckets, 2, 3, 2, drop_last)) // 2
+        for a, b in zip(rank0, rank1):  # each step one bucket on both processes
+            assert len({bucket_of[i] for i in a + b}) == 1
+        seen = [i for batch in rank0 + rank1 for i in batch]
+        assert len(seen) == len(set(seen))  # no row twice in an epoch
+        # a bucket's last rows are split over the two processes (11 = 4 + 4 + 1|2); fewer rows than processes cannot
+        # be (bucket 2's one, bucket 3's fifth); drop_last drops every last step short of 4 rows (which rows: the
+        # epoch's order)
+        per_bucket = {b: sum(bucket_of[i] == b for i in seen) for b in range(4)}
+        assert per_bucket == ({0: 8, 1: 4, 2: 0, 3: 4} if drop_last else {0: 11, 1: 6, 2: 0, 3: 4})
+        assert {len(b) for b in rank0 + rank1} == ({2} if drop_last else {1, 2})
+    assert per_process(1) == per_process(1) and per_process(1) != per_process(2)  # a function of (seed, epoch)
+    # a resumed process skips the batches already trained and goes on with the same ones
+    assert per_process(1, skip=2) == [rank[2:] for rank in per_process(1)]
+
+
+def test_bucketed_samples_keep_their_size_and_crop_and_batch_together(tokenize):
+    from sd_lora.data import BucketBatches, collate
+
+    rows = [("red", (255, 0, 0), (100, 36)), ("green", (0, 255, 0), (64, 60)), ("blue", (0, 0, 255), (96, 34))]
+    table = rows_dataset(rows)
+    cfg = DatasetConfig(path="d", resolution=64, buckets=True, bucket_step=32, random_flip=True)
+    items = CaptionedImages(table, cfg, tokenize)
+    assert [items.buckets[b] for b in items.bucket_of] == [(96, 32), (64, 64), (96, 32)]
+    loader = build_dataloader(items, batch_size=2, num_workers=0, seed=0)
+    assert isinstance(loader.batch_sampler, BucketBatches) and loader.batch_sampler.counts == {"64x64": 1, "96x32": 2}
+    shapes = sorted(tuple(b["pixel_values"].shape) for b in loader)
+    assert shapes == [(1, 3, 64, 64), (2, 3, 32, 96)]
+    item = items[(0, 0, 0)]
+    assert item["original_size"].tolist() == [36, 100]  # (height, width), as SDXL's time ids take them
+    top, left = item["crop_top_left"].tolist()
+    assert 0 <= top <= 3 and left == 0  # only the rounding: 100x36 resized to 96x35, 3 rows to spare
+    assert collate([items[(0, 0, 0)], items[(0, 0, 2)]])["crop_top_left"].shape == (2, 2)
+
+
+def test_buckets_with_the_embedding_cache_or_edges_that_miss_the_resolution_are_refused():
+    with pytest.raises(UserError, match="set dataset.cache=false to train in buckets"):
+        DatasetConfig(path="d", buckets=True, cache=True)
+    with pytest.raises(UserError, match="must enclose dataset.resolution=512"):
+        DatasetConfig(path="d", buckets=True, bucket_min_edge=576)
+    with pytest.raises(UserError, match="dataset.bucket_step=12"):
+        DatasetConfig(path="d", buckets=True, bucket_step=12)
