@@ -72,10 +72,11 @@ class Problems:
 
 
 MODEL_KEYS = ("model.pretrained_model_name_or_path", "model.source_repo", "model.revision", "model.family")
-DATA_KEYS = ("dataset.path", "dataset.caption_files", "dataset.caption_extension", "dataset.source_repo", "dataset.missing_hint", "dataset.split", "dataset.image_column",
-             "dataset.caption_column", "dataset.max_train_samples", "dataset.validation_split",
-             "dataset.validation_source", "dataset.max_validation_samples", "trainer.seed",
-             "trainer.validation_loss_seed", "trainer.validation_loss_steps")
+DATA_KEYS = ("dataset.path", "dataset.source_repo", "dataset.missing_hint", "dataset.split", "dataset.image_column",
+             "dataset.caption_files", "dataset.caption_extension", "dataset.caption_column",
+             "dataset.max_train_samples", "dataset.validation_split", "dataset.validation_source",
+             "dataset.max_validation_samples", "trainer.seed", "trainer.validation_loss_seed",
+             "trainer.validation_loss_steps")
 
 
 def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Checked:
@@ -122,7 +123,8 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
     if not problems.skips(("trainer.report_to",)):
         with problems.check():
             check_trackers(cfg)
-    if cfg.model.lora.use_dora and LoraFormat.kohya in cfg.trainer.export_formats:
+    if (cfg.model.lora.use_dora and LoraFormat.kohya in cfg.trainer.export_formats
+            and not problems.skips(("model.lora.use_dora", "trainer.export_formats"))):
         problems.found.append("model.lora.use_dora=true: kohya's layout (trainer.export_formats=[kohya], the default) "
                               "has no place for DoRA's magnitude vectors; add trainer.export_formats=[] (the diffusers "
                               "file lora/pytorch_lora_weights.safetensors is always written, and diffusers loads it)")
