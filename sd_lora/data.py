@@ -412,8 +412,9 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.buckets, self.bucket_of = None, None
         if cfg.buckets:  # each row's bucket, from the image headers (a row that cannot be opened: the square one)
             self.buckets = make_buckets(cfg)
-            self.bucket_of = [nearest_bucket(size or (1, 1), self.buckets)
-                              for size in map(image_size, table[cfg.image_column])]
+            cells = (cell for start in range(0, len(table), 256)  # a chunk at a time: cells may hold the bytes
+                     for cell in table[start:start + 256][cfg.image_column])
+            self.bucket_of = [nearest_bucket(size or (1, 1), self.buckets) for size in map(image_size, cells)]
 
     def __len__(self) -> int:
         return len(self.table)
