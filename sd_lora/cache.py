@@ -11,7 +11,11 @@ are left out of the cache and listed in it ("skipped_rows").
 
 A cache is keyed by a hash of everything its contents depend on (model folder, revision, variant,
 VAE and text encoder configs, dtype, the data set's fingerprint, split, columns, resolution, crop,
-flip, sample count, tokenizer length), so a changed setting never reuses a stale cache.
+flip, sample count, tokenizer length, buckets), so a changed setting never reuses a stale cache.
+
+With `dataset.buckets` each row is cached at its bucket's size (centre-cropped by the rounding only), the rows
+flattened one after another with their shapes, buckets, original sizes and crops; `CachedEmbeddings` then
+has the buckets that `data.BucketBatches` batches by.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Callable
 import torch
 
 from sd_lora.config import Config, DatasetConfig, ModelConfig, OnFailure, cache_dir
-from sd_lora.data import _image_where, decode_or_skip, drops_caption, sample_key, train_transform
+from sd_lora.data import (_image_where, bucket_transform, decode_or_skip, drops_caption, make_buckets, nearest_bucket,
+                          sample_key, train_transform)
 from sd_lora.errors import UserError
 from sd_lora.families import Components, family_of
 from sd_lora.files import save_safetensors
@@ -58,6 +63,8 @@ def cache_key(model_cfg: ModelConfig, model_path: Path, comps: Components, table
         "random_flip": cfg.random_flip,
         "max_train_samples": cfg.max_train_samples,
     }
+    if cfg.buckets:  # each row at its bucket's size
+        parts["buckets"] = [cfg.bucket_step, *cfg.bucket_edges()]
     if cfg.on_bad_image is OnFailure.skip:  # a cache without the bad rows must not serve a run that would stop on them
         parts["on_bad_image"] = cfg.on_bad_image.value
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
@@ -85,7 +92,8 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
     from tqdm.auto import tqdm
 
     views = 2 if cfg.random_flip else 1
-    means, stds, texts, skipped = [], [], {}, []
+    buckets = make_buckets(cfg) if cfg.buckets else None
+    means, stds, texts, skipped, placed = [], [], {}, [], []
     for start in tqdm(range(0, len(table), batch_size), desc="caching latents and text embeddings"):
         rows = table[start:start + batch_size]
         images, captions = [], []
@@ -96,7 +104,7 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
                 skipped.append(index)
                 continue
             w, h = image.size
-            if not cfg.center_crop and w != h:
+            if not cfg.center_crop and w != h and buckets is None:
                 raise UserError(
                     f"dataset.cache=true with dataset.center_crop=false: {_image_where(cell, index)} is {w}x{h}, and a "
                     "random crop of a non-square image differs every epoch, so it cannot be cached; set "
@@ -105,27 +113,54 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
             if not isinstance(caption, str):
                 raise UserError(f"dataset.cache=true needs one caption string per row; data set row {index} holds "
                                 f"{type(caption).__name__}; set dataset.cache=false")
-            pixels = train_transform(image, cfg.resolution, center_crop=True, random_flip=False)
+            if buckets is None:
+                pixels = train_transform(image, cfg.resolution, center_crop=True, random_flip=False)
+            else:  # the image's bucket, with the (centred) crop of its rounding and its original size
+                bucket = buckets[nearest_bucket(image.size, buckets)]
+                pixels, crop = bucket_transform(image, bucket, center_crop=True, random_flip=False)
+                placed.append((bucket, (h, w), crop))
             images.append(pixels)
             if views == 2:
                 images.append(torch.flip(pixels, dims=[2]))
             captions.append(caption)
         if not captions:
             continue
-        pixel_values = torch.stack(images).to(device, dtype=dtype)
-        posterior = vae.encode(pixel_values).latent_dist
-        shape = (len(captions), views) + tuple(posterior.mean.shape[1:])
-        means.append(posterior.mean.float().reshape(shape).cpu())
-        stds.append(posterior.std.float().reshape(shape).cpu())
+        for first, count in _same_shape_runs(images, views):  # one VAE call per bucket in the chunk
+            pixel_values = torch.stack(images[first * views:(first + count) * views]).to(device, dtype=dtype)
+            posterior = vae.encode(pixel_values).latent_dist
+            shape = (count, views) + tuple(posterior.mean.shape[1:])
+            means += posterior.mean.float().reshape(shape).cpu().unbind(0)
+            stds += posterior.std.float().reshape(shape).cpu().unbind(0)
         for key, value in encode_captions(captions).items():
             texts.setdefault(key, []).append(value.float().cpu())
     if not means:
         raise UserError(f"dataset.on_bad_image=skip: none of the {len(table)} images can be decoded; check dataset.path")
-    tensors = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds),
-               **{key: torch.cat(parts) for key, parts in texts.items()}}
+    if buckets is None:
+        tensors = {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds)}
+    else:  # rows of several shapes: flattened one after another, with each row's shape and bucket
+        tensors = {"latent_mean": torch.cat([m.flatten() for m in means]),
+                   "latent_std": torch.cat([v.flatten() for v in stds]),
+                   "latent_shape": torch.tensor([m.shape for m in means], dtype=torch.int64),
+                   **{key: torch.tensor([p[i] for p in placed], dtype=torch.int64)
+                      for i, key in enumerate(BUCKET_KEYS)}}
+    tensors.update({key: torch.cat(parts) for key, parts in texts.items()})
     if skipped:
         tensors["skipped_rows"] = torch.tensor(skipped, dtype=torch.int64)
     return tensors
+
+
+BUCKET_KEYS = ("bucket_size", "original_size", "crop_top_left")  # a bucketed cache's rows: (w, h), (h, w), (top, left)
+
+
+def _same_shape_runs(images: list[torch.Tensor], views: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each run of consecutive rows whose images have one shape."""
+    runs = []
+    for row in range(len(images) // views):
+        if runs and images[row * views].shape == images[(row - 1) * views].shape:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((row, 1))
+    return runs
 
 
 def load_or_build(path: Path, build) -> dict[str, torch.Tensor]:
@@ -138,7 +173,8 @@ def load_or_build(path: Path, build) -> dict[str, torch.Tensor]:
     tensors = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, path)  # a cache shared by a team (dataset.cache_dir on a shared file system)
-    log.info("cached latents and text embeddings of %d samples: %s", len(tensors["latent_mean"]), path)
+    log.info("cached latents and text embeddings of %d samples: %s",
+             len(tensors.get("latent_shape", tensors["latent_mean"])), path)
     return tensors
 
 
@@ -157,8 +193,18 @@ class CachedEmbeddings(torch.utils.data.Dataset):
     def __init__(self, tensors: dict[str, torch.Tensor], random_flip: bool, caption_dropout: float = 0.0,
                  empty_caption: dict[str, torch.Tensor] | None = None):
         self.mean, self.std = tensors["latent_mean"], tensors["latent_std"]
+        self.buckets = self.bucket_of = None
+        self.placed = {key: tensors[key] for key in BUCKET_KEYS if key in tensors}
+        if "latent_shape" in tensors:  # dataset.buckets: each row's (views, C, h, w) block, and its bucket
+            shapes = tensors["latent_shape"].tolist()
+            sizes = [int(torch.tensor(shape).prod()) for shape in shapes]
+            self.mean = [m.reshape(shape) for m, shape in zip(self.mean.split(sizes), shapes)]
+            self.std = [v.reshape(shape) for v, shape in zip(self.std.split(sizes), shapes)]
+            of_row = [tuple(size) for size in tensors["bucket_size"].tolist()]
+            self.buckets = sorted(set(of_row))
+            self.bucket_of = [self.buckets.index(size) for size in of_row]
         self.text = {key: value for key, value in tensors.items()
-                     if key not in ("latent_mean", "latent_std", "skipped_rows")}
+                     if key not in ("latent_mean", "latent_std", "skipped_rows", "latent_shape", *BUCKET_KEYS)}
         self.random_flip = random_flip
         # dataset.caption_dropout: the empty caption's conditioning (one row per key) in place of the row's, drawn
         # as the uncached data set draws it
@@ -175,4 +221,5 @@ class CachedEmbeddings(torch.utils.data.Dataset):
         text = {name: value[index] for name, value in self.text.items()}
         if drops_caption(self.caption_dropout, key):
             text = {name: value[0] for name, value in self.empty_caption.items()}
-        return {"latent_mean": self.mean[index, view], "latent_std": self.std[index, view], **text, "index": index}
+        return {"latent_mean": self.mean[index][view], "latent_std": self.std[index][view], **text, "index": index,
+                **{key: value[index] for key, value in self.placed.items() if key != "bucket_size"}}

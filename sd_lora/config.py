@@ -242,8 +242,9 @@ class DatasetConfig:
             _check(lo <= self.resolution <= hi and lo >= self.bucket_step, "dataset.bucket_min_edge",
                    self.bucket_min_edge, f"with dataset.bucket_max_edge={self.bucket_max_edge} the edges must "
                    f"enclose dataset.resolution={self.resolution} and be at least dataset.bucket_step={self.bucket_step}")
-            _check(not self.cache, "dataset.buckets", True, "the embedding cache holds square crops: set "
-                   "dataset.cache=false to train in buckets, or dataset.buckets=false to cache")
+            _check(not self.cache or self.center_crop, "dataset.center_crop", self.center_crop, "the embedding "
+                   "cache keeps one crop of each image, so with dataset.buckets it needs the centred one: set "
+                   "dataset.center_crop=true, or dataset.cache=false")
         _check(self.caption_extension.startswith(".") and len(self.caption_extension) > 1, "dataset.caption_extension",
                self.caption_extension, "give a file suffix with its dot, e.g. .txt or .caption")
 
