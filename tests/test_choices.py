@@ -114,3 +114,34 @@ def test_the_sd15_lora_loads_into_diffusers_and_changes_the_image(runs, tiny_sd1
     assert pipe.unet.peft_config["default_0"].use_dora
     # small: Prodigy starts from a step size of 1e-6 and grows it over far more than these 4 steps
     assert abs(image() - base).max() > 1e-5
+
+
+def test_a_cached_bucketed_run_with_lion_and_pissa_trains_and_saves_a_plain_lora(tmp_path, tiny_model_path):
+    """The other side of the choices: the embedding cache in buckets with caption dropout (the empty caption's
+    cached embedding), Lion on a polynomial schedule, a PiSSA start on the SD 2.1-layout tiny model. Its file is a
+    plain LoRA of twice the rank that diffusers loads onto the unchanged base."""
+    pytest.importorskip("lion_pytorch")
+    from diffusers import StableDiffusionPipeline
+
+    from sd_lora.config import LoraInit
+    from sd_lora.train import train
+
+    data = caption_folder(tmp_path / "data")
+    cfg = Config(
+        model=ModelConfig(pretrained_model_name_or_path=str(tiny_model_path),
+                          lora=LoraSettings(rank=2, init_lora_weights=LoraInit.pissa)),
+        dataset=DatasetConfig(path=str(data), caption_files=True, resolution=64, random_flip=True, center_crop=True,
+                              caption_dropout=0.3, buckets=True, bucket_step=32, cache=True,
+                              cache_dir=str(tmp_path / "cache")),
+        optimizer=OptimizerConfig(name=OptimizerName.lion, lr=1e-3, lr_scheduler=LrScheduler.polynomial,
+                                  lr_power=2.0, lr_warmup_steps=1),
+        device=DeviceConfig(type=DeviceType.cpu),
+        trainer=TrainerConfig(train_batch_size=2, max_train_steps=3, checkpointing_steps=None, skip_steps=0,
+                              validation_prompts=[], export_formats=[]))
+    report = train(cfg, tmp_path / "run")
+    assert report["global_step"] == 3 and report["buckets"] == {"64x64": 3, "96x32": 3} and report["cache"]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "run" / "lora"), weight_name="pytorch_lora_weights.safetensors")
+    assert pipe.unet.peft_config["default_0"].r == 4  # PiSSA's rank 2, saved as a plain LoRA of rank 4
