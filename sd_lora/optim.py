@@ -53,7 +53,7 @@ def check_optimizer(cfg: Config, backend_name: str | None) -> None:
     name = cfg.optimizer.name
     if name is OptimizerName.adamw8bit and backend_name not in ("cuda", None):
         raise UserError(f"optimizer=adamw8bit runs on CUDA only (bitsandbytes' 8-bit kernels), and this run is on "
-                        f"{backend_name}: use optimizer=adamw (or adafactor, whose state is as small), or device=cuda")
+                        f"{backend_name}: use optimizer=adamw (or adafactor, whose factored state is smaller still), or device=cuda")
     if name in EXTRAS:
         module, extra = EXTRAS[name]
         if importlib.util.find_spec(module) is None:
