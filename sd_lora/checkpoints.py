@@ -284,6 +284,9 @@ FINGERPRINT_KEYS = {
     "model.lora.target_modules": "model.lora.target_modules",
     "model.lora.text_encoder": "the text encoder LoRA (model.lora.train_text_encoder, text_encoder_rank, "
                                "text_encoder_alpha, text_encoder_target_modules)",
+    "model.lora.use_dora": "model.lora.use_dora",
+    "model.lora.init_lora_weights": "model.lora.init_lora_weights",
+    "trainer.ema": "trainer.ema (the checkpoint holds the moving average only with it)",
     "training_samples": "the number of training samples (dataset.path, dataset.max_train_samples, "
                         "dataset.validation_split)",
 }
@@ -315,6 +318,9 @@ def run_fingerprint(cfg: Config, model_path: Path, table, num_processes: int) ->
         "model.lora.text_encoder": ({"rank": lora.text_rank, "alpha": lora.text_lora_alpha,
                                      "target_modules": sorted(lora.text_encoder_target_modules)}
                                     if lora.train_text_encoder else None),
+        "model.lora.use_dora": lora.use_dora,
+        "model.lora.init_lora_weights": lora.init_lora_weights.value,
+        "trainer.ema": cfg.trainer.ema,
         "training_samples": len(table),
         # warned about only: a moved folder, or another batch layout (which shifts the position inside the epoch)
         "model_path": str(Path(model_path).resolve()),

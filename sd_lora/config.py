@@ -68,18 +68,33 @@ class DeviceType(Enum):
 
 
 class OptimizerName(Enum):
+    """The optimizer class (sd_lora/optim.py builds it; the packages an option needs are extras in pyproject.toml)."""
+
     adamw = "adamw"  # torch.optim.AdamW
+    adamw8bit = "adamw8bit"  # bitsandbytes' AdamW8bit (8-bit moments; CUDA only; pip install -e ".[adamw8bit]")
+    prodigy = "prodigy"  # prodigyopt's Prodigy: estimates its own step size; lr is a multiplier of it, keep ~1.0
+    adafactor = "adafactor"  # transformers' Adafactor: factored second moment; relative step off by default
+    lion = "lion"  # lion-pytorch's Lion: sign updates; lr 3-10x below AdamW's, weight decay as much above
 
 
 class LrScheduler(Enum):
-    """Names understood by `diffusers.optimization.get_scheduler`."""
+    """Names understood by `diffusers.optimization.get_scheduler` (each after its linear warm-up, if any)."""
 
-    linear = "linear"
-    cosine = "cosine"
-    cosine_with_restarts = "cosine_with_restarts"
-    polynomial = "polynomial"
-    constant = "constant"
-    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"  # linear decay to 0
+    cosine = "cosine"  # half a cosine down to 0
+    cosine_with_restarts = "cosine_with_restarts"  # optimizer.lr_num_cycles cosines, each restarting at lr
+    polynomial = "polynomial"  # (1 - progress) ** optimizer.lr_power, down to 1e-7
+    constant = "constant"  # lr throughout (no warm-up: use constant_with_warmup)
+    constant_with_warmup = "constant_with_warmup"  # warm-up, then lr
+
+
+class LoraInit(Enum):
+    """How peft initialises the LoRA matrices (`model.lora.init_lora_weights`)."""
+
+    gaussian = "gaussian"  # A ~ N(0, 1/rank), B = 0: starts as the base model (diffusers' choice)
+    kaiming = "kaiming"  # A Kaiming-uniform, B = 0 (peft's default)
+    pissa = "pissa"  # A, B from the frozen weight's principal singular vectors (the weight keeps the residual)
+    olora = "olora"  # A, B from a QR decomposition of the frozen weight (the weight keeps the residual)
 
 
 class LoraFormat(Enum):
@@ -103,6 +118,16 @@ class Alpha(Enum):
     ignore = "ignore"  # alpha dropped: the colours of transparent pixels as stored (often hidden garbage)
 
 
+class Tracker(Enum):
+    """An experiment tracker that accelerate drives (`trainer.report_to`); each but tensorboard is an optional extra."""
+
+    tensorboard = "tensorboard"  # <run dir>/tensorboard/ (installed with sd-lora); the only one that gets validation images
+    wandb = "wandb"  # Weights & Biases (pip install -e ".[wandb]"); WANDB_* variables pick the account and mode
+    mlflow = "mlflow"  # MLflow (".[mlflow]"); MLFLOW_TRACKING_URI picks the server, else files under <run dir>/tensorboard
+    aim = "aim"  # Aim (".[aim]"); its repository under <run dir>/tensorboard
+    comet_ml = "comet_ml"  # Comet (".[comet]"); COMET_* variables pick the account
+
+
 def _check(ok: bool, key: str, value, fix: str) -> None:
     if not ok:
         raise UserError(f"{key}={value!r} is invalid: {fix}")
@@ -116,7 +141,8 @@ class LoraSettings:
     target_modules: List[str] = field(
         default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"]
     )  # U-Net module names (suffixes) that get a LoRA adapter
-    init_lora_weights: str = "gaussian"  # peft init: gaussian (diffusers' choice) or true (kaiming)
+    init_lora_weights: LoraInit = LoraInit.gaussian  # peft init; pissa/olora move part of the frozen weight into the LoRA, and the saved file is converted to a plain LoRA of rank 2 x rank that loads on the unchanged base
+    use_dora: bool = False  # peft's DoRA: a learned magnitude per output channel besides the LoRA direction (diffusers loads it; no kohya file)
     init_from: Optional[str] = None  # start from this LoRA (a file in diffusers' or kohya's layout, or a run dir); its rank, alpha and modules must be the configured ones
     train_text_encoder: bool = False  # LoRA on the text encoder(s) too (trained with optimizer.text_encoder_lr)
     text_encoder_rank: Optional[int] = None  # the text encoder LoRA's rank; null = rank
@@ -134,6 +160,18 @@ class LoraSettings:
             "use a positive number, or null for alpha = rank",
         )
         _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "use 0 <= dropout < 1")
+        _check(not (self.use_dora and self.init_lora_weights in (LoraInit.pissa, LoraInit.olora)),
+               "model.lora.init_lora_weights", self.init_lora_weights.value,
+               "DoRA is trained from gaussian or kaiming here: use one of them, or model.lora.use_dora=false")
+        _check(not (self.train_text_encoder and (self.use_dora or self.init_lora_weights in (LoraInit.pissa,
+                                                                                               LoraInit.olora))),
+               "model.lora.train_text_encoder", self.train_text_encoder,
+               "the text encoder's LoRA is a plain LoRA (gaussian or kaiming start) here: leave use_dora and "
+               "pissa/olora out, or train the U-Net's LoRA alone")
+        _check(not (self.init_from and self.init_lora_weights in (LoraInit.pissa, LoraInit.olora)),
+               "model.lora.init_lora_weights", self.init_lora_weights.value,
+               "model.lora.init_from gives the LoRA's start, which pissa/olora would compute from the frozen weight: "
+               "use gaussian, or leave init_from out")
         _check(
             len(self.target_modules) > 0,
             "model.lora.target_modules",
@@ -202,6 +240,15 @@ class DatasetConfig:
     cache_dir: Optional[str] = None  # where caches are kept; null = $SD_LORA_CACHE/embeddings
     on_bad_image: OnFailure = OnFailure.error  # an image that cannot be decoded: error, or skip (the next good row takes its place)
     alpha: Alpha = Alpha.white  # transparent images: composited on white, on black, or ignore (alpha dropped)
+    buckets: bool = False  # aspect-ratio buckets: each image resized to the bucket (about resolution² px) nearest its aspect ratio, cropped only by the rounding; each batch one bucket
+    bucket_step: int = 64  # buckets: their edges are multiples of this, px
+    bucket_min_edge: Optional[int] = None  # buckets: the shortest edge, px; null = half the resolution
+    bucket_max_edge: Optional[int] = None  # buckets: the longest edge, px; null = twice the resolution
+    caption_files: bool = False  # path is a folder of images, each with its caption in a text file beside it (kohya's layout: a.png + a.txt)
+    caption_extension: str = ".txt"  # caption_files: the caption file's suffix
+    caption_dropout: float = 0.0  # probability that a sample trains with the empty caption (for classifier-free guidance)
+    shuffle_tags: bool = False  # shuffle a caption's comma-separated tags anew for each sample and epoch
+    keep_tags: int = 0  # shuffle_tags: the first N tags stay in place (kohya's keep_tokens)
 
     def __post_init__(self):
         _check(
@@ -221,21 +268,83 @@ class DatasetConfig:
                "use a fraction in [0, 1), e.g. 0.1")
         _check(not (self.validation_split and self.validation_source), "dataset.validation_source",
                self.validation_source, "give either dataset.validation_split or dataset.validation_source, not both")
+        _check(0.0 <= self.caption_dropout < 1.0, "dataset.caption_dropout", self.caption_dropout,
+               "use a probability in [0, 1), e.g. 0.1")
+        _check(self.keep_tags >= 0, "dataset.keep_tags", self.keep_tags, "use 0 or more")
+        _check(not (self.shuffle_tags and self.cache), "dataset.shuffle_tags", self.shuffle_tags,
+               "a shuffled caption differs every epoch, and the embedding cache holds one text embedding per row: "
+               "set dataset.cache=false to shuffle tags, or dataset.shuffle_tags=false to cache")
+        if self.buckets:
+            _check(self.bucket_step >= 8 and self.bucket_step % 8 == 0, "dataset.bucket_step", self.bucket_step,
+                   "the VAE downsamples by 8; use a multiple of 8 such as 64")
+            lo, hi = self.bucket_edges()
+            _check(lo <= self.resolution <= hi and lo >= self.bucket_step, "dataset.bucket_min_edge",
+                   self.bucket_min_edge, f"with dataset.bucket_max_edge={self.bucket_max_edge} the edges must "
+                   f"enclose dataset.resolution={self.resolution} and be at least dataset.bucket_step={self.bucket_step}")
+            _check(not self.cache or self.center_crop, "dataset.center_crop", self.center_crop, "the embedding "
+                   "cache keeps one crop of each image, so with dataset.buckets it needs the centred one: set "
+                   "dataset.center_crop=true, or dataset.cache=false")
+        _check(self.caption_extension.startswith(".") and len(self.caption_extension) > 1, "dataset.caption_extension",
+               self.caption_extension, "give a file suffix with its dot, e.g. .txt or .caption")
+
+    def bucket_edges(self) -> tuple[int, int]:
+        """(shortest, longest) bucket edge in px, the defaults worked out and rounded to bucket_step."""
+        step = self.bucket_step
+        lo = self.bucket_min_edge if self.bucket_min_edge is not None else max(step, self.resolution // 2 // step * step)
+        hi = self.bucket_max_edge if self.bucket_max_edge is not None else 2 * self.resolution // step * step
+        return lo, hi
+
+
+@dataclass
+class ProdigySettings:
+    """optimizer=prodigy only (prodigyopt.Prodigy's own keys)."""
+
+    d_coef: float = 1.0  # multiplies the step size Prodigy estimates (>1 bolder, <1 more careful)
+    use_bias_correction: bool = False  # Adam-style bias correction of the estimate (kohya's SD recipes turn it on)
+    safeguard_warmup: bool = False  # keep the lr warm-up out of the estimate (advised with a warm-up)
+    decouple: bool = True  # AdamW-style decoupled weight decay
+
+    def __post_init__(self):
+        _check(self.d_coef > 0, "optimizer.prodigy.d_coef", self.d_coef, "use a positive factor such as 1.0")
+
+
+@dataclass
+class AdafactorSettings:
+    """optimizer=adafactor only (transformers' Adafactor's own keys; optimizer.betas and eps are not used)."""
+
+    relative_step: bool = False  # Adafactor's own time-dependent step size instead of optimizer.lr (then lr_scheduler=constant)
+    scale_parameter: bool = False  # scale each step by the parameter's RMS
+    warmup_init: bool = False  # relative_step=true only: Adafactor's own warm-up
+    clip_threshold: float = 1.0  # clip the update's RMS at this
+    decay_rate: float = -0.8  # exponent of the second-moment decay rate
+    beta1: Optional[float] = None  # first-moment decay; null = no first moment (Adafactor's memory saving)
+
+    def __post_init__(self):
+        _check(self.beta1 is None or 0.0 <= self.beta1 < 1.0, "optimizer.adafactor.beta1", self.beta1,
+               "use a number in [0, 1) or null")
+        _check(not self.warmup_init or self.relative_step, "optimizer.adafactor.warmup_init", self.warmup_init,
+               "it is the warm-up of Adafactor's relative step: set optimizer.adafactor.relative_step=true too, or "
+               "warm up with optimizer.lr_warmup_steps")
 
 
 @dataclass
 class OptimizerConfig:
-    name: OptimizerName = OptimizerName.adamw
-    lr: float = 1e-4  # peak learning rate
+    name: OptimizerName = OptimizerName.adamw  # the optimizer class: adamw, adamw8bit, prodigy, adafactor, lion
+    lr: float = 1e-4  # peak learning rate (prodigy: a multiplier of its own estimate, keep ~1.0)
     scale_lr: bool = False  # multiply lr by batch size x accumulation x processes (diffusers' --scale_lr)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 1e-2
-    eps: float = 1e-8
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, adamw8bit, prodigy, lion
+    weight_decay: float = 1e-2  # decoupled weight decay
+    eps: float = 1e-8  # adamw, adamw8bit, prodigy
     lr_scheduler: LrScheduler = LrScheduler.constant
     lr_warmup_steps: int = 0  # optimizer steps of linear warm-up
+    lr_warmup_fraction: Optional[float] = None  # or: warm-up as this fraction of the run's optimizer steps
+    lr_num_cycles: int = 1  # cosine_with_restarts: the number of cosine cycles
+    lr_power: float = 1.0  # polynomial: the decay's power (1 = linear)
     max_grad_norm: Optional[float] = 1.0  # clip the LoRA gradients' global norm; null = no clipping
-    fused: Optional[bool] = None  # fused AdamW kernel; null = where the device supports it
+    fused: Optional[bool] = None  # adamw: fused AdamW kernel; null = where the device supports it
     text_encoder_lr: Optional[float] = None  # model.lora.train_text_encoder: the text encoder LoRA's lr; null = lr
+    prodigy: ProdigySettings = field(default_factory=ProdigySettings)
+    adafactor: AdafactorSettings = field(default_factory=AdafactorSettings)
 
     def __post_init__(self):
         # every number the optimizer computes with is finite: inf or NaN here would reach every LoRA weight
@@ -255,12 +364,32 @@ class OptimizerConfig:
         _check(math.isfinite(self.eps) and self.eps > 0, "optimizer.eps", self.eps,
                "use a small positive number such as 1e-8")
         _check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", self.lr_warmup_steps, "use 0 or more")
+        _check(self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction < 1.0, "optimizer.lr_warmup_fraction",
+               self.lr_warmup_fraction, "use a fraction in [0, 1) of the run's steps, e.g. 0.05, or null")
+        _check(self.lr_warmup_fraction is None or self.lr_warmup_steps == 0, "optimizer.lr_warmup_fraction",
+               self.lr_warmup_fraction, f"optimizer.lr_warmup_steps={self.lr_warmup_steps} gives the warm-up too; "
+               "give one of them (the other 0 / null)")
+        warms_up = self.lr_warmup_steps > 0 or bool(self.lr_warmup_fraction)
+        _check(not (warms_up and self.lr_scheduler is LrScheduler.constant), "optimizer.lr_scheduler",
+               self.lr_scheduler.value, "constant has no warm-up (diffusers ignores it): use "
+               "optimizer.lr_scheduler=constant_with_warmup, or no warm-up")
+        _check(self.lr_num_cycles >= 1, "optimizer.lr_num_cycles", self.lr_num_cycles, "use 1 or more")
+        _check(self.lr_power > 0, "optimizer.lr_power", self.lr_power, "use a positive power such as 1.0")
         _check(
             self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
             "optimizer.max_grad_norm",
             self.max_grad_norm,
             "use a positive, finite norm, or null to turn clipping off",
         )
+        _check(not self.fused or self.name is OptimizerName.adamw, "optimizer.fused", self.fused,
+               f"only adamw has a fused kernel here, and optimizer.name={self.name.value}: set optimizer.fused=null")
+        _check(not (self.scale_lr and self.name is OptimizerName.prodigy), "optimizer.scale_lr", self.scale_lr,
+               "Prodigy's lr multiplies the step size it estimates itself (keep it ~1.0), so it is not scaled by "
+               "the batch size: set optimizer.scale_lr=false")
+        relative = self.name is OptimizerName.adafactor and self.adafactor.relative_step
+        _check(not relative or (self.lr_scheduler is LrScheduler.constant and not warms_up),
+               "optimizer.adafactor.relative_step", True, "Adafactor then sets its own step size, which no lr "
+               "schedule scales: set optimizer.lr_scheduler=constant without warm-up, or relative_step=false")
 
 
 @dataclass
@@ -299,6 +428,7 @@ class TrainerConfig:
     validation_epochs: int = 1  # render validation prompts every N epochs and at the end
     num_validation_images: int = 4  # images per validation prompt
     num_inference_steps: int = 30  # denoising steps for validation images
+    report_to: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])  # trackers that get loss, lr, throughput and the config: tensorboard, wandb, mlflow, aim, comet_ml ([] = none)
     export_formats: List[LoraFormat] = field(default_factory=lambda: [LoraFormat.kohya])  # LoRA layouts written beside lora/pytorch_lora_weights.safetensors (always written: generate and resume read it); kohya -> lora/<run dir name>.safetensors
     seed: int = 0  # seeds python, numpy, torch and every device generator
     skip_steps: int = 10  # optimizer steps left out of the report's timing (warm-up)
@@ -317,6 +447,9 @@ class TrainerConfig:
     compile_encoders: bool = False  # dataset.cache=false: also torch.compile the VAE encoder, which then runs every step
     compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs, or auto (reduce-overhead on CUDA with dataset.cache and no gradient accumulation, else the default)
     compile_ddp_split: bool = False  # several processes, compiled U-Net: split its graph at DDP's gradient buckets so the all-reduce overlaps the backward (torch's DDPOptimizer); off: one graph, and the LoRA's gradients (a few MB) all-reduced after the backward
+    ema: bool = False  # keep an exponential moving average of the LoRA weights: validated and saved in their place (checkpoints keep both)
+    ema_decay: float = 0.9999  # the EMA's decay; it ramps up as (1+n)/(10+n) to this (diffusers' EMAModel)
+    ema_start_step: int = 0  # optimizer steps before the EMA starts averaging (until then it copies the weights)
     on_nonfinite_loss: OnFailure = OnFailure.error  # NaN/Inf loss or gradient norm: error (stop; checkpoints stay good) or skip the optimizer step (one host sync per step)
 
     def __post_init__(self):
@@ -342,6 +475,8 @@ class TrainerConfig:
         _check(self.snr_gamma is None or self.snr_gamma > 0, "trainer.snr_gamma", self.snr_gamma,
                "use a positive gamma such as 5.0, or null to turn Min-SNR weighting off")
         _check(self.noise_offset >= 0, "trainer.noise_offset", self.noise_offset, "use 0 or more")
+        _check(0.0 < self.ema_decay < 1.0, "trainer.ema_decay", self.ema_decay, "use a decay in (0, 1), e.g. 0.9999")
+        _check(self.ema_start_step >= 0, "trainer.ema_start_step", self.ema_start_step, "use 0 or more")
         modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "auto")
         _check(self.compile_mode in modes, "trainer.compile_mode", self.compile_mode, f"use one of {list(modes)}")
 
@@ -381,10 +516,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SD_LORA_CACHE") or Path.home() / ".cache" / "sd_lora")
 
 
-def _tiny_model_resolver(family: str = "sd") -> str:
+def _tiny_model_resolver(layout: str = "sd21") -> str:
     from sd_lora.demo import ensure_tiny_model  # imports torch: only when the tiny model is asked for
 
-    return str(ensure_tiny_model(cache_dir(), family or "sd"))
+    return str(ensure_tiny_model(cache_dir(), layout or "sd21"))
 
 
 def _asset_resolver(name: str) -> str:
@@ -392,7 +527,7 @@ def _asset_resolver(name: str) -> str:
 
 
 def register_resolvers() -> None:
-    """`${sd_lora.tiny_model:}` (`${sd_lora.tiny_model:sdxl}`) builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled
+    """`${sd_lora.tiny_model:}` (`${sd_lora.tiny_model:sd15}`, `${sd_lora.tiny_model:sdxl}`) builds (once) and returns the tiny pipeline folder; `${sd_lora.asset:x}` a bundled
     file. (`${sd_lora.job_name:}`, a sweep job's folder name, is registered by sd_lora.sweep, which launch.py
     imports: the config sits below the sweep machinery and does not import it.)"""
     OmegaConf.register_new_resolver("sd_lora.tiny_model", _tiny_model_resolver, replace=True)

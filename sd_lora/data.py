@@ -1,7 +1,8 @@
 """Captioned image data: loading with 🤗 datasets, transforms, tokenisation, batches.
 
 Sources (`dataset.path`): a hub-layout folder (parquet or image files), an imagefolder with
-metadata.jsonl, a `save_to_disk` folder, or a hub id already in the local hub cache. Images are
+metadata.jsonl, a `save_to_disk` folder, a hub id already in the local hub cache, or (with
+`dataset.caption_files`) a folder of images each with its caption in a .txt file beside it (kohya's layout). Images are
 decoded here (not by datasets) so that a file that cannot be decoded is named by row and path.
 The transforms are those of diffusers' LoRA script (resize the short side with bilinear
 antialiasing, centre or random crop, random horizontal flip, scale to [-1, 1]), written on PIL and
@@ -9,7 +10,9 @@ numpy because torchvision is not a dependency. Nothing here touches the model or
 
 Randomness is a function of (seed, epoch, sample index) alone: `EpochShuffle` orders each epoch by
 (seed, epoch) and hands seed and epoch to the data set with every index, and the random crop, flip and
-caption choice of a sample come from a generator seeded by (seed, epoch, index). A run resumed in
+caption choice of a sample come from a generator seeded by (seed, epoch, index); its caption dropout and
+tag shuffle each from their own stream of the same key (`sample_stream`), so that the embedding cache, which
+draws no crop, drops the same captions. A run resumed in
 the middle of an epoch therefore sees the same samples, transformed the same way, as the run that
 was killed, whatever the number of worker processes.
 """
@@ -19,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import gc
 import io
+import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -105,7 +110,9 @@ def _read_split(cfg: DatasetConfig, split: str):
     path = resolve_local("dataset.path", cfg.path, repo_type="dataset", source_repo=cfg.source_repo,
                          missing_hint=cfg.missing_hint)
     try:
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        if cfg.caption_files:
+            table = _read_caption_folder(cfg, path, split)
+        elif (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             table = datasets.load_from_disk(str(path))
             if isinstance(table, datasets.DatasetDict):
                 table = _pick_split(table, split, path)
@@ -136,6 +143,36 @@ def datasets_cache_dir() -> str:
     """Where 🤗 datasets keeps the tables it prepares: $HF_DATASETS_CACHE if set, else $SD_LORA_CACHE/datasets
     (with the rest of sd_lora's caches, not in ~/.cache/huggingface)."""
     return os.environ.get("HF_DATASETS_CACHE") or str(cache_dir() / "datasets")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _read_caption_folder(cfg: DatasetConfig, path: Path, split: str):
+    """kohya's layout: every image under `path` (subfolders too, hidden ones left out) with its caption in the file
+    of the same name and `dataset.caption_extension` beside it. One split, train. The table holds the paths; its
+    fingerprint (the embedding cache's key) follows each file's size and modification time and the captions."""
+    import datasets
+
+    if split != "train":
+        raise UserError(f"dataset.caption_files=true reads one split, train, from {path}, and {split!r} was asked "
+                        "for: hold out data with dataset.validation_split instead")
+    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not images:
+        raise UserError(f"dataset.path={cfg.path!r} with dataset.caption_files=true: no images "
+                        f"({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    ext = cfg.caption_extension
+    missing = [p for p in images if not p.with_suffix(ext).is_file()]
+    if missing:
+        raise UserError(f"dataset.caption_files=true: {len(missing)} of {len(images)} images have no {ext} caption "
+                        f"beside them (the first is {missing[0]}); write one for each (a.png + a{ext}) or remove "
+                        "those images")
+    captions = [p.with_suffix(ext).read_text(encoding="utf-8").strip() for p in images]
+    digest = hashlib.sha256(json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns, c)
+                                        for p, c in zip(images, captions)]).encode()).hexdigest()[:16]
+    features = datasets.Features({cfg.image_column: datasets.Image(decode=False), cfg.caption_column: datasets.Value("string")})
+    table = datasets.Dataset.from_dict({cfg.image_column: [{"bytes": None, "path": str(p)} for p in images],
+                                        cfg.caption_column: captions}, features=features)
+    return datasets.Dataset(table.data, info=table.info, fingerprint=digest)
 
 
 def _pick_split(tables, split: str, path: Path):
@@ -215,20 +252,130 @@ def train_transform(image: Image.Image, resolution: int, center_crop: bool, rand
     size = resized_size(image.size, resolution)
     if size != (w, h):
         image = image.resize(size, Image.BILINEAR)  # PIL antialiases when downscaling, as torchvision does on PIL
-    w, h = image.size
+    pixels, crop = _crop_flip(image, (resolution, resolution), center_crop, random_flip, generator)
+    if geometry is not None:
+        geometry.update(size_conditioning(original, crop, (resolution, resolution)))
+    return pixels
+
+
+def _crop_flip(image: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool,
+               generator: torch.Generator | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Crop a resized image to `size` (width, height), centred or at a random offset, maybe flip; CHW float in
+    [-1, 1] and the crop's (top, left) as seen after the flip."""
+    (w, h), (cw, ch) = image.size, size
     if center_crop:
-        left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+        left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
     else:
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + cw, top + ch))
     flipped = random_flip and float(torch.rand(1, generator=generator)) < 0.5
     if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    if geometry is not None:
-        geometry.update(size_conditioning(original, (top, w - left - resolution if flipped else left), resolution))
+        left = w - left - cw  # where the crop lies in the mirror image: what diffusers' SDXL script, flipping first, records
     array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0, (top, left)
+
+
+# ---- aspect-ratio buckets (dataset.buckets): kohya's and SimpleTuner's "aspect ratio bucketing"
+
+
+def make_buckets(cfg: DatasetConfig) -> list[tuple[int, int]]:
+    """The buckets (width, height): edges multiples of bucket_step between the min and max edge, each as close to
+    resolution² pixels as the step allows without exceeding it, both orientations (kohya's rule)."""
+    lo, hi = cfg.bucket_edges()
+    step, area = cfg.bucket_step, cfg.resolution * cfg.resolution
+    found = set()
+    for width in range(lo, hi + 1, step):
+        height = min(hi, area // width // step * step)
+        if height >= lo:
+            found.update({(width, height), (height, width)})
+    return sorted(found)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> int:
+    """The index of the bucket whose aspect ratio is nearest the image's (on a log scale: 2:1 is as far from 1:1 as
+    1:2); of two as near, the larger."""
+    ratio = math.log(size[0] / size[1])
+    return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio),
+                                                   -buckets[i][0] * buckets[i][1]))
+
+
+def bucket_resized_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) of an image of `size` resized to cover `bucket` (w, h), aspect ratio kept, as bucket_transform resizes."""
+    (w, h), (bw, bh) = size, bucket
+    scale = max(bw / w, bh / h)
+    return max(bw, round(w * scale)), max(bh, round(h * scale))
+
+
+def bucket_transform(image: Image.Image, bucket: tuple[int, int], center_crop: bool, random_flip: bool,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the image to cover the bucket (the smallest size that does, aspect ratio kept), crop the rounding's
+    excess (centred, or at a random offset), maybe flip; CHW float in [-1, 1] and the crop's (top, left)."""
+    (w, h) = image.size
+    size = bucket_resized_size(image.size, bucket)
+    if size != (w, h):
+        image = image.resize(size, Image.BILINEAR)
+    return _crop_flip(image, bucket, center_crop, random_flip, generator)
+
+
+def image_size(cell) -> tuple[int, int] | None:
+    """An image cell's (width, height) from its header alone (no decode); None if it cannot be opened."""
+    try:
+        if isinstance(cell, Image.Image):
+            return cell.size
+        if isinstance(cell, dict) and cell.get("bytes"):
+            return Image.open(io.BytesIO(cell["bytes"])).size
+        path = cell.get("path") if isinstance(cell, dict) else cell
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # named where the row is decoded (dataset.on_bad_image)
+        return None
+
+
+class BucketBatches(torch.utils.data.Sampler):
+    """Batches of `(seed, epoch, index)` keys, each from one bucket: the rows of each bucket in an order drawn from
+    (seed, epoch, bucket), cut into groups of batch_size x num_processes, the groups in an order drawn from
+    (seed, epoch). A group is `num_processes` consecutive batches, which accelerate deals out one to each process,
+    so that every process trains the same bucket at each step (DDP's shapes agree). A bucket's last, smaller
+    group is split evenly over the processes, or dropped with `drop_last` (or when it has fewer rows than there
+    are processes). As EpochShuffle: the loop sets `epoch`; left alone it counts up by one per pass."""
+
+    def __init__(self, bucket_of: list[int], buckets: list[tuple[int, int]], batch_size: int, seed: int,
+                 num_processes: int = 1, drop_last: bool = False):
+        self.rows = {b: [i for i, x in enumerate(bucket_of) if x == b] for b in sorted(set(bucket_of))}
+        self.counts = {f"{buckets[b][0]}x{buckets[b][1]}": len(rows) for b, rows in self.rows.items()}
+        # no `batch_size` attribute: accelerate then takes the batches as of varying length and deals out each one
+        # (with one, it holds back every group of processes' batches whose last batch is smaller)
+        self.per_batch, self.seed, self.num_processes, self.drop_last = batch_size, seed, num_processes, drop_last
+        self.epoch = 0
+        self.num_batches = sum(len(group) for rows in self.rows.values() for group in self._groups(rows))
+
+    def _groups(self, rows: list[int]) -> list[list[list[int]]]:
+        n, size = self.num_processes, self.per_batch * self.num_processes
+        groups = []
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            if len(chunk) < size and (self.drop_last or len(chunk) < n):
+                continue
+            groups.append([chunk[k * len(chunk) // n:(k + 1) * len(chunk) // n] for k in range(n)])
+        return groups
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        groups = []
+        for bucket, rows in self.rows.items():
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(
+                sample_seed(self.seed, epoch, "bucket", bucket))).tolist()
+            groups += self._groups([rows[i] for i in order])
+        shuffled = torch.randperm(len(groups), generator=torch.Generator().manual_seed(
+            sample_seed(self.seed, epoch, "buckets"))).tolist()
+        for g in shuffled:
+            for batch in groups[g]:
+                yield [(self.seed, epoch, index) for index in batch]
 
 
 def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
@@ -237,10 +384,10 @@ def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
 
 
-def size_conditioning(original: tuple[int, int], crop_top_left: tuple[int, int], resolution: int) -> dict:
-    """A sample's sizes as tensors (see train_transform's `geometry`)."""
+def size_conditioning(original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]) -> dict:
+    """A sample's sizes as tensors, each (h, w) or (top, left) (see train_transform's `geometry`)."""
     return {"original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop_top_left),
-            "target_size": torch.tensor((resolution, resolution))}
+            "target_size": torch.tensor(target)}
 
 
 def long_captions(table, cfg: DatasetConfig, tokenizers) -> list[int]:
@@ -283,6 +430,31 @@ def sample_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def caption_variant(caption: str, cfg: DatasetConfig, key) -> str:
+    """A caption with `dataset.shuffle_tags` and `dataset.caption_dropout` applied, each drawn from its own stream of
+    the sample's key (see `sample_stream`)."""
+    if cfg.shuffle_tags:
+        tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+        kept, rest = tags[:cfg.keep_tags], tags[cfg.keep_tags:]
+        order = torch.randperm(len(rest), generator=sample_stream(key, "tags")).tolist()
+        caption = ", ".join(kept + [rest[i] for i in order])
+    return "" if drops_caption(cfg.caption_dropout, key) else caption
+
+
+def drops_caption(probability: float, key) -> bool:
+    """Whether this sample (key) trains with the empty caption: the same draw with and without the embedding cache."""
+    return bool(probability) and float(torch.rand(1, generator=sample_stream(key, "caption_dropout"))) < probability
+
+
+def sample_stream(key, stream: str) -> torch.Generator | None:
+    """The sample's own generator for one use (`stream`), from a `(seed, epoch, index)` key; None (torch's global
+    RNG) for a plain index."""
+    if isinstance(key, tuple):
+        seed, epoch, index = key
+        return torch.Generator().manual_seed(sample_seed(seed, epoch, index, stream))
+    return None
+
+
 def sample_key(key) -> tuple[torch.Generator | None, int]:
     """(generator, index) for a data set key: `(seed, epoch, index)` from EpochShuffle, or a plain index.
 
@@ -311,6 +483,12 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __init__(self, table, cfg: DatasetConfig, tokenize: Callable[[list[str]], dict[str, torch.Tensor]]):
         self.table, self.cfg, self.tokenize = table, cfg, tokenize
+        self.buckets, self.bucket_of = None, None
+        if cfg.buckets:  # each row's bucket, from the image headers (a row that cannot be opened: the square one)
+            self.buckets = make_buckets(cfg)
+            cells = (cell for start in range(0, len(table), 256)  # a chunk at a time: cells may hold the bytes
+                     for cell in table[start:start + 256][cfg.image_column])
+            self.bucket_of = [nearest_bucket(size or (1, 1), self.buckets) for size in map(image_size, cells)]
 
     def __len__(self) -> int:
         return len(self.table)
@@ -331,11 +509,17 @@ class CaptionedImages(torch.utils.data.Dataset):
                                 f"cannot be decoded (rows {skipped[:5]}{' ...' if len(skipped) > 5 else ''}, each "
                                 "named in a warning above); check dataset.path")
         caption = pick_caption(row[self.cfg.caption_column], row_index, self.cfg.caption_column, generator)
-        geometry: dict = {}
-        pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator,
-                                 geometry)
+        caption = caption_variant(caption, self.cfg, key)
         tokens = {key: value[0] for key, value in self.tokenize([caption]).items()}
-        item = {"pixel_values": pixels, **tokens, **geometry, "index": index}
+        if self.buckets is None:
+            geometry: dict = {}
+            pixels = train_transform(image, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, generator,
+                                     geometry)
+        else:  # the slot's bucket (a skipped row's replacement takes it too)
+            bucket = self.buckets[self.bucket_of[index]]
+            pixels, crop = bucket_transform(image, bucket, self.cfg.center_crop, self.cfg.random_flip, generator)
+            geometry = size_conditioning((image.size[1], image.size[0]), crop, (bucket[1], bucket[0]))
+        item = {"pixel_values": pixels, **tokens, **geometry, "index": index}  # the sizes: SDXL's time ids
         if skipped:
             item["skipped_rows"] = skipped
         return item
@@ -381,9 +565,16 @@ class EpochShuffle(torch.utils.data.Sampler):
             yield self.seed, epoch, index
 
 
+def epoch_order(loader: torch.utils.data.DataLoader):
+    """What orders a loader's epochs (EpochShuffle, or BucketBatches): the loop tells it the epoch."""
+    return loader.batch_sampler if isinstance(loader.batch_sampler, BucketBatches) else loader.sampler
+
+
 def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, seed: int,
-                     pin_memory: bool = False, collate_fn=collate, drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """A loader shuffled by `EpochShuffle` (its `.sampler`); `seed` also seeds every sample's random transforms."""
+                     pin_memory: bool = False, collate_fn=collate, drop_last: bool = False,
+                     num_processes: int = 1) -> torch.utils.data.DataLoader:
+    """A loader shuffled by `EpochShuffle` (its `.sampler`), or batched by `BucketBatches` where the data set has
+    buckets; `seed` also seeds every sample's random transforms."""
     # The loader's own generator only seeds worker processes, whose global RNGs nothing here uses;
     # giving one keeps the loader from drawing that seed from torch's global RNG, a stream that a
     # resumed run must find exactly where the killed run left it.
@@ -392,18 +583,15 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_wor
     if num_workers > cores:  # more would only contend (torch warns about it too)
         log.info("dataset.num_workers=%d: %d core(s) available here, so %d loader worker(s)", num_workers, cores, cores)
         num_workers = cores
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochShuffle(len(dataset), seed),
-        generator=generator,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        drop_last=drop_last,
-        worker_init_fn=_collect_garbage_in_worker if num_workers > 0 else None,
-    )
+    workers = dict(generator=generator, collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
+                   persistent_workers=num_workers > 0,
+                   worker_init_fn=_collect_garbage_in_worker if num_workers > 0 else None)
+    if getattr(dataset, "bucket_of", None) is not None:
+        batches = BucketBatches(dataset.bucket_of, dataset.buckets, batch_size, seed, num_processes, drop_last)
+        log.info("dataset.buckets: %d buckets (width x height: samples) %s", len(batches.counts), batches.counts)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed),
+                                       drop_last=drop_last, **workers)
 
 
 def _collect_garbage_in_worker(worker_id: int) -> None:

@@ -1,10 +1,13 @@
-"""The embedded quickstart: a tiny random SD-2.1-shaped pipeline and the bundled shapes data set.
+"""The embedded quickstart: a tiny random SD-2.1-shaped pipeline (and an SD-1.5-shaped one) and the bundled
+shapes data set.
 
 The tiny pipeline uses the same classes as Stable Diffusion 2.1 (diffusers `UNet2DConditionModel`
 with linear-projection attention, `AutoencoderKL` with an 8x downsampling VAE, transformers
 `CLIPTextModel` + `CLIPTokenizer`, a v-prediction DDIM scheduler config) at small widths. It is
 saved once in the diffusers folder layout and loaded back by the same code as the real model, so
-nothing in the trainer knows it is tiny. It is reached only through config
+nothing in the trainer knows it is tiny. The SD 1.5 layout (`layout="sd15"`) differs where SD 1.5 does:
+convolutional attention projections (no `use_linear_projection`), one head count for every block,
+CLIP's quick_gelu text encoder and an epsilon-prediction scheduler. It is reached only through config
 (`${sd_lora.tiny_model:}` in `conf/model/tiny.yaml`).
 
 The shapes data set ("a red circle on a blue background") is generated here and bundled in
@@ -62,8 +65,23 @@ def _tiny_tokenizer_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
 
-def _tiny_spec() -> dict:
-    """Architecture of the tiny pipeline: SD 2.1's layout at small widths."""
+LAYOUTS = ("sd21", "sd15")  # the tiny model's layouts: SD 2.1's (the default) and SD 1.5's
+
+
+def _tiny_spec(layout: str = "sd21") -> dict:
+    """Architecture of the tiny pipeline: SD 2.1's layout (or SD 1.5's) at small widths."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"tiny model layout {layout!r}: use one of {LAYOUTS}")
+    spec = _tiny_sd21_spec()
+    if layout == "sd15":  # what SD 1.5's configs say where SD 2.1's differ
+        spec["unet"].update(attention_head_dim=4, use_linear_projection=False)  # one head count; conv proj_in/out
+        spec["text_encoder"].update(hidden_act="quick_gelu")  # OpenAI CLIP ViT-L/14
+        spec["scheduler"].update(prediction_type="epsilon")
+        spec["layout"] = "sd15"  # the cache key; the SD 2.1 spec keeps the key it always had
+    return spec
+
+
+def _tiny_sd21_spec() -> dict:
     return {
         "version": TINY_MODEL_VERSION,
         "unet": dict(
@@ -114,7 +132,7 @@ def _tiny_spec() -> dict:
     }
 
 
-def build_tiny_pipeline(seed: int = 0):
+def build_tiny_pipeline(seed: int = 0, layout: str = "sd21"):
     """The tiny random pipeline in memory (a `StableDiffusionPipeline`)."""
     import torch
 
@@ -124,7 +142,7 @@ def build_tiny_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    spec = _tiny_spec()
+    spec = _tiny_spec(layout)
     vocab, merges = _tiny_tokenizer_vocab(spec["words"])
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
     torch.manual_seed(seed)
@@ -141,19 +159,18 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def ensure_tiny_model(root: Path, family: str = "sd") -> Path:
-    """Build the tiny pipeline (`family` sd: SD 2.1-shaped, sdxl: SDXL-shaped) into `root` once (diffusers folder
-    layout) and return its folder."""
-    spec, build, name = ((_tiny_sdxl_spec(), build_tiny_sdxl_pipeline, "tiny-sdxl") if family == "sdxl" else
-                         (_tiny_spec(), build_tiny_pipeline, "tiny-sd21"))
+def ensure_tiny_model(root: Path, layout: str = "sd21") -> Path:
+    """Build the tiny pipeline (SD 2.1's layout, SD 1.5's, or SDXL's) into `root` once (diffusers folder layout)
+    and return its folder."""
+    spec = _tiny_sdxl_spec() if layout == "sdxl" else _tiny_spec(layout)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    target = Path(root) / f"{name}-{key}"
+    target = Path(root) / f"tiny-{layout}-{key}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build().save_pretrained(tmp)
+        (build_tiny_sdxl_pipeline() if layout == "sdxl" else build_tiny_pipeline(layout=layout)).save_pretrained(tmp)
         plain_modes(tmp)  # mkdtemp made it 0700: a shared $SD_LORA_CACHE would be unreadable to the rest
         try:
             tmp.rename(target)  # atomic: a concurrent builder either wins or finds ours

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sd_lora.checkpoints import RunState
-from sd_lora.config import Config
+from sd_lora.config import Config, Tracker
 from sd_lora.data import decode_or_skip, pick_caption, train_transform
 from sd_lora.errors import UserError
 from sd_lora.families import Components, ModelFamily
@@ -178,7 +178,7 @@ def render_validation_images(cfg: Config, accelerator, family: ModelFamily, comp
     out.mkdir(parents=True, exist_ok=True)
     written = []
     autocast = accelerator.autocast() if weight_dtype != torch.float32 else contextlib.nullcontext()
-    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True) if Tracker.tensorboard in t.report_to else None
     with torch.no_grad(), autocast, evaluating(unet, *comps.text_encoders):
         for i, prompt in enumerate(t.validation_prompts):
             images = pipeline(prompt, num_inference_steps=t.num_inference_steps, generator=generator,
@@ -188,8 +188,9 @@ def render_validation_images(cfg: Config, accelerator, family: ModelFamily, comp
                 path = out / f"step{step:06d}-epoch{epoch:04d}-prompt{i}-{j}.png"
                 image.save(path)
                 written.append(path)
-            tracker.add_images(f"validation/{i}: {prompt}", np.stack([np.asarray(im) for im in images]), step,
-                               dataformats="NHWC")
+            if tracker is not None:
+                tracker.add_images(f"validation/{i}: {prompt}", np.stack([np.asarray(im) for im in images]), step,
+                                   dataformats="NHWC")
     if cfg.dataset.cache:
         comps.move_frozen("cpu")
     log.info("validation at step %d: %d image(s) in %s", step, len(written), out)

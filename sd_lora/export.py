@@ -91,6 +91,11 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], header: dict) -> dict[s
     """diffusers-layout tensors and header -> kohya-layout tensors, each module with its alpha."""
     configs = _adapter_configs(header)
     names = KOHYA_PREFIXES_XL if any(k.startswith("text_encoder_2.") for k in tensors) else KOHYA_PREFIXES
+    dora = [key for key in tensors if key.endswith("lora_magnitude_vector")]
+    if dora:
+        raise UserError(f"the LoRA is a DoRA ({len(dora)} magnitude vectors, e.g. {dora[0]}), which kohya's layout "
+                        "has no place for: use the diffusers file (lora/pytorch_lora_weights.safetensors, which "
+                        "diffusers' load_lora_weights reads), or train without model.lora.use_dora")
     out = {}
     for key, value in tensors.items():
         prefix, _, rest = key.partition(".")

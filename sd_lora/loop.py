@@ -39,6 +39,7 @@ class Training:
     render: Callable | None = None  # (epoch, step) -> validation images; main process only
     after_step: Callable[[int], None] = lambda step: None  # scheduled garbage collection, profiler
     stop: object = None  # signals.StopRequest: a pre-emption signal ends the run after the current step
+    ema: object = None  # ema.LoraEma (trainer.ema): follows every optimizer step taken
 
 
 def run_loop(tr: Training) -> None:
@@ -79,6 +80,8 @@ def run_loop(tr: Training) -> None:
                     scale = state.guard.scale_before_step() if accelerator.sync_gradients else None
                     tr.optimizer.step()
                     state.guard.count_scaler_skip(scale)
+                    if tr.ema is not None and accelerator.sync_gradients:
+                        tr.ema.step()
                 tr.lr_scheduler.step()  # also after a withheld step: the schedule follows the step count
                 tr.optimizer.zero_grad(set_to_none=True)
             state.skipped_image_rows.update(batch.get("skipped_rows", ()))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.config import Attention, LoraSettings, MixedPrecision, ModelConfig, SdpKernel
+from sd_lora.config import Attention, LoraInit, LoraSettings, MixedPrecision, ModelConfig, SdpKernel
 from sd_lora.errors import UserError
 from sd_lora.families import Components, family_of
 from sd_lora.files import save_safetensors
@@ -121,7 +121,8 @@ def add_lora(unet: torch.nn.Module, attention: Attention, lora: LoraSettings) ->
         r=lora.rank,  # our `rank` is peft's `r`, mapped here only
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.dropout,
-        init_lora_weights=_init_value(lora.init_lora_weights),
+        init_lora_weights=PEFT_INIT[lora.init_lora_weights],
+        use_dora=lora.use_dora,
         target_modules=list(lora.target_modules),
     )
     try:
@@ -131,7 +132,14 @@ def add_lora(unet: torch.nn.Module, attention: Attention, lora: LoraSettings) ->
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # trainable weights stay fp32 whatever the frozen weights' dtype
+    if lora.init_lora_weights in MUTATING_INITS:  # what the base weights lost to the LoRA: taken off at save
+        setattr(unet, INITIAL_LORA, {k: v.detach().clone() for k, v in lora_state_dict(unet).items()})
     return params
+
+
+PEFT_INIT = {LoraInit.gaussian: "gaussian", LoraInit.kaiming: True, LoraInit.pissa: "pissa", LoraInit.olora: "olora"}
+MUTATING_INITS = (LoraInit.pissa, LoraInit.olora)  # they move part of the frozen weight into the LoRA's start
+INITIAL_LORA = "sd_lora_initial_lora"  # attribute of a U-Net whose LoRA started from its own weights: that start
 
 
 def add_text_lora(text_encoders: tuple, lora: LoraSettings) -> list[torch.nn.Parameter]:
@@ -144,7 +152,7 @@ def add_text_lora(text_encoders: tuple, lora: LoraSettings) -> list[torch.nn.Par
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=lora.text_rank, lora_alpha=lora.text_lora_alpha, lora_dropout=lora.dropout,
-                        init_lora_weights=_init_value(lora.init_lora_weights),
+                        init_lora_weights=PEFT_INIT[lora.init_lora_weights],
                         target_modules=list(lora.text_encoder_target_modules))
     params = []
     for text_encoder in text_encoders:
@@ -176,11 +184,6 @@ def lora_off(*modules: torch.nn.Module):
             layer.enable_adapters(True)
 
 
-def _init_value(value: str):
-    lowered = str(value).lower()
-    return {"true": True, "false": False}.get(lowered, value)
-
-
 def _flat_clip(module: torch.nn.Module) -> bool:
     """transformers 5's CLIP text models hold their layers at the top (`encoder.layers...`), transformers 4's
     under `text_model`. LoRA files keep the `text_model.` names that every tool reads (diffusers' loader maps
@@ -189,8 +192,8 @@ def _flat_clip(module: torch.nn.Module) -> bool:
 
 
 def lora_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A module's LoRA weights, keyed as diffusers' `load_lora_weights` expects (without the `unet.` /
-    `text_encoder.` prefix)."""
+    """A module's LoRA weights as trained, keyed as diffusers' `load_lora_weights` expects (without the `unet.` /
+    `text_encoder.` prefix). Checkpoints keep these; the LoRA file is `portable_lora` of them."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -209,6 +212,29 @@ def peft_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     return convert_unet_state_dict_to_peft(state)
 
 
+def portable_lora(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The module's LoRA weights and peft config as a file for the unchanged base model.
+
+    PiSSA and OLoRA start from B0 A0 taken out of the frozen weight W (which then holds W - s B0 A0); trained to B A,
+    the change to W is s (B A - B0 A0): a plain LoRA of twice the rank with down = [A; A0], up = [B, -B0] and twice the
+    alpha (the same scale s), which is what peft's own conversion writes."""
+    tensors = lora_state_dict(module)
+    config = module.peft_config["default"].to_dict()
+    initial = getattr(module, INITIAL_LORA, None)
+    if initial is None:
+        return tensors, config
+    out = {}
+    for key, down in tensors.items():
+        if key.endswith(".lora.down.weight"):
+            up_key = key.replace(".lora.down.weight", ".lora.up.weight")
+            out[key] = torch.cat([down, initial[key].to(down)], dim=0)
+            out[up_key] = torch.cat([tensors[up_key], -initial[up_key].to(down)], dim=1)
+    config.update(r=2 * config["r"], lora_alpha=2 * config["lora_alpha"], init_lora_weights=True,
+                  rank_pattern={k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+                  alpha_pattern={k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()})
+    return out, config
+
+
 def save_lora(modules: dict[str, torch.nn.Module], out_dir: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` readable by the family's pipeline's `load_lora_weights`.
 
@@ -221,9 +247,9 @@ def save_lora(modules: dict[str, torch.nn.Module], out_dir: Path, metadata: dict
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, adapter = {}, {}
     for prefix, module in modules.items():
-        tensors.update({f"{prefix}.{k}": v.detach().to("cpu", torch.float32) for k, v in lora_state_dict(module).items()})
-        adapter.update({f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v
-                        for k, v in module.peft_config["default"].to_dict().items()})
+        weights, config = portable_lora(module)
+        tensors.update({f"{prefix}.{k}": v.detach().to("cpu", torch.float32) for k, v in weights.items()})
+        adapter.update({f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()})
     header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, indent=2, sort_keys=True, default=str)}
     header.update(metadata or {})
     return save_safetensors(tensors, out_dir / LORA_WEIGHT_NAME, metadata=header)

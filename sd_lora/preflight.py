@@ -13,12 +13,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_lora.config import Config
+from sd_lora.config import Config, LoraFormat
 from sd_lora.data import load_tables
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
 from sd_lora.hub import resolve_local
 from sd_lora.model import lora_file, resolve_model_path
+from sd_lora.optim import check_optimizer
+from sd_lora.report import check_trackers
 from sd_lora.speed import check_speed_switches
 
 
@@ -72,9 +74,10 @@ class Problems:
 
 MODEL_KEYS = ("model.pretrained_model_name_or_path", "model.source_repo", "model.revision", "model.family")
 DATA_KEYS = ("dataset.path", "dataset.source_repo", "dataset.missing_hint", "dataset.split", "dataset.image_column",
-             "dataset.caption_column", "dataset.max_train_samples", "dataset.validation_split",
-             "dataset.validation_source", "dataset.max_validation_samples", "trainer.seed",
-             "trainer.validation_loss_seed", "trainer.validation_loss_steps")
+             "dataset.caption_files", "dataset.caption_extension", "dataset.caption_column",
+             "dataset.max_train_samples", "dataset.validation_split", "dataset.validation_source",
+             "dataset.max_validation_samples", "trainer.seed", "trainer.validation_loss_seed",
+             "trainer.validation_loss_steps")
 
 
 def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Checked:
@@ -96,6 +99,9 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
                                       "trainer.gradient_accumulation_steps")):
         with problems.check():
             check_speed_switches(cfg, backend)
+    if not problems.skips(("optimizer",)):
+        with problems.check():  # a missing optional package, or adamw8bit off CUDA
+            check_optimizer(cfg, backend.name if usable and not problems.skips(("device",)) else None)
     with problems.check():
         if "LOCAL_WORLD_SIZE" in os.environ:  # under accelerate launch / torchrun the launcher's count rules
             per_machine = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -118,6 +124,14 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
             if not path.is_file():
                 raise UserError(f"model.lora.init_from={cfg.model.lora.init_from!r}: no LoRA file at "
                                 f"{path.resolve()}; give a .safetensors LoRA file or a run directory")
+    if not problems.skips(("trainer.report_to",)):
+        with problems.check():
+            check_trackers(cfg)
+    if (cfg.model.lora.use_dora and LoraFormat.kohya in cfg.trainer.export_formats
+            and not problems.skips(("model.lora.use_dora", "trainer.export_formats"))):
+        problems.found.append("model.lora.use_dora=true: kohya's layout (trainer.export_formats=[kohya], the default) "
+                              "has no place for DoRA's magnitude vectors; add trainer.export_formats=[] (the diffusers "
+                              "file lora/pytorch_lora_weights.safetensors is always written, and diffusers loads it)")
     if not problems.skips(DATA_KEYS):
         with problems.check():
             table, val_table = load_tables(cfg.dataset, seed=cfg.trainer.seed,

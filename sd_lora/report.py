@@ -1,6 +1,6 @@
 """What a run writes about itself: report.json (the Enflame tutorial's fields and what was measured),
-the config as JSON (the LoRA file's metadata) and as tensorboard hparams. provenance.py says how the run
-was made (versions, commit, overrides)."""
+the config as JSON (the LoRA file's metadata) and as tensorboard hparams, and which experiment trackers
+(`trainer.report_to`) get them. provenance.py says how the run was made (versions, commit, overrides)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from sd_lora.checkpoints import RunState
-from sd_lora.config import Config, global_batch_size
+from sd_lora.config import Config, Tracker, global_batch_size
 from sd_lora.devices import Backend
+from sd_lora.errors import UserError
 from sd_lora.model import sdp_priority_order
 from sd_lora.speed import SpeedPlan
 from sd_lora.timing import Timer
@@ -34,6 +35,26 @@ def config_json(cfg: Config) -> str:
     for section, key in VOLATILE_KEYS:
         config[section].pop(key, None)
     return json.dumps(config, sort_keys=True)
+
+
+# a tracker from an optional package -> (its module, the pyproject extra that installs it)
+TRACKER_EXTRAS = {Tracker.wandb: ("wandb", "wandb"), Tracker.mlflow: ("mlflow", "mlflow"), Tracker.aim: ("aim", "aim"),
+                  Tracker.comet_ml: ("comet_ml", "comet")}
+
+
+def check_trackers(cfg: Config) -> None:
+    """UserError, before any work, naming the install line of a tracker in trainer.report_to that is not installed
+    (accelerate would only leave it out, with a debug message)."""
+    import importlib.util
+
+    missing = [(t, *TRACKER_EXTRAS[t]) for t in cfg.trainer.report_to
+               if t in TRACKER_EXTRAS and importlib.util.find_spec(TRACKER_EXTRAS[t][0]) is None]
+    if missing:
+        extras = ",".join(extra for _, _, extra in missing)
+        raise UserError(f"trainer.report_to={[t.value for t in cfg.trainer.report_to]}: "
+                        + ", ".join(f"{t.value} needs the {module} package" for t, module, _ in missing)
+                        + f", which {'is' if len(missing) == 1 else 'are'} not installed; install "
+                        f"{'it' if len(missing) == 1 else 'them'} with: pip install -e \".[{extras}]\"")
 
 
 def tensorboard_hparams(cfg: Config) -> dict:

@@ -13,6 +13,7 @@ Each piece lives in its own room and is only called from here:
     checkpoints.py whole-or-absent checkpoints and exact resume
     lock.py        one run per run directory
     signals.py     pre-emption: SIGTERM/SIGINT/SIGUSR1 end the run after the current step, with a checkpoint
+    ema.py         the moving average of the LoRA weights (trainer.ema)
     evaluation.py  the validation loss and validation images
     report.py, provenance.py   report.json, tensorboard hparams, how the run was made
 Side effects (files, logs, validation images) happen on the main process only.
@@ -32,7 +33,7 @@ import torch
 from sd_lora.checkpoints import (RunState, check_resume, checkpoint_dir, finished_run, outputs_written,
                                   register_checkpoint_hooks, resume, run_fingerprint, save_checkpoint)
 from sd_lora.config import Config
-from sd_lora.data import CaptionedImages, build_dataloader, collate, long_captions
+from sd_lora.data import CaptionedImages, build_dataloader, collate, epoch_order, long_captions
 from sd_lora.devices import Backend
 from sd_lora.errors import UserError
 from sd_lora.evaluation import build_evaluator, render_validation_images
@@ -84,7 +85,7 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
     if checked.val_table is not None and accelerator.is_main_process:  # encoded now, while the VAE is on the device
         evaluate = build_evaluator(cfg, accelerator, family, comps, checked.val_table, dtype)
     dataset, dataloader = build_data(cfg, accelerator, family, comps, checked, dtype)
-    shuffle = dataloader.sampler  # data.EpochShuffle: the loop tells it the epoch
+    shuffle = epoch_order(dataloader)  # data.EpochShuffle or data.BucketBatches: the loop tells it the epoch
     dataloader = accelerator.prepare(dataloader)  # sharded first, so that steps are counted as they will run
     length = run_length(cfg, len(dataloader))
     optimizer = build_optimizer(cfg, lora_params, accelerator.num_processes,
@@ -95,10 +96,11 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
     trained = dict(zip(trained, prepared))
     register_checkpoint_hooks(accelerator, trained)
     unet = trained["unet"]
+    all_params = [p for group in lora_params.values() for p in group]
+    ema = build_ema(cfg, accelerator, all_params)  # before the resume, which restores it
 
     state = (resume(accelerator, cfg, resume_path, length.steps_per_epoch, optimizer, lr_scheduler) if resume_path
              else RunState())
-    all_params = [p for group in lora_params.values() for p in group]
     state.fingerprint, state.guard = fingerprint, NonFiniteGuard(cfg, accelerator, run_dir, all_params)
     state.max_train_steps = length.max_train_steps
     state.skipped_image_rows.update(getattr(dataset, "skipped_rows", ()))  # left out of the embedding cache
@@ -115,8 +117,10 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
     if accelerator.is_main_process and cfg.trainer.validation_prompts and cfg.trainer.num_validation_images > 0:
         render = functools.partial(render_validation_images, cfg, accelerator, family, comps, unet, checked.model_path,
                                    run_dir, dtype)
+    if ema is not None:  # the EMA's weights are what is validated
+        evaluate, render = ema.under_ema(evaluate), ema.under_ema(render)
     tr = Training(cfg, accelerator, models, all_params, optimizer, lr_scheduler, dataloader, shuffle, state,
-                  Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render, stop=stop)
+                  Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render, stop=stop, ema=ema)
     run_timed(tr, checked.backend)
     return finish(tr, checked, family, speed, t0)
 
@@ -132,11 +136,22 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path, compile_mode
     return Accelerator(
         mixed_precision=cfg.precision.mixed_precision.value,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=[tracker.value for tracker in cfg.trainer.report_to] or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         dataloader_config=DataLoaderConfiguration(non_blocking=backend.name != "cpu"),
         **kwargs,
     )
+
+
+def build_ema(cfg: Config, accelerator, lora_params: list[torch.nn.Parameter]):
+    """trainer.ema: the moving average of the LoRA weights, saved and restored with every checkpoint; or None."""
+    if not cfg.trainer.ema:
+        return None
+    from sd_lora.ema import LoraEma
+
+    ema = LoraEma(lora_params, cfg.trainer)
+    accelerator.register_for_checkpointing(ema)
+    return ema
 
 
 def seed_everything(cfg: Config, backend: Backend) -> None:
@@ -181,22 +196,26 @@ def build_data(cfg: Config, accelerator, family: ModelFamily, comps: Components,
             # the cache is shared by runs; a run whose text encoders train encodes its captions live (below)
             tensors = load_or_build_cache(cfg, checked.model_path, comps, checked.table, encode, accelerator.device,
                                         dtype)
+        tokenize = functools.partial(family.tokenize, comps.tokenizers)
+        empty = None
+        if cfg.dataset.caption_dropout:  # the empty caption's conditioning (its tokens where the text encoders train)
+            empty = tokenize([""]) if comps.text_trained else {k: v.float().cpu() for k, v in encode([""]).items()}
         comps.move_frozen("cpu")  # not needed by the training step any more; validation brings them back
         if comps.text_trained:
             from sd_lora.cache import with_live_text
 
-            tensors = with_live_text(tensors, family.condition_keys, functools.partial(family.tokenize, comps.tokenizers),
-                                     checked.table, cfg.dataset.caption_column)
+            tensors = with_live_text(tensors, family.condition_keys, tokenize, checked.table,
+                                     cfg.dataset.caption_column)
             if accelerator.is_main_process:
                 log.info("dataset.cache=true with model.lora.train_text_encoder=true: the cached latents are used; the "
                          "captions are encoded at every step by the text encoder being trained (cached text "
                          "embeddings would be stale)")
-        dataset = CachedEmbeddings(tensors, cfg.dataset.random_flip)
+        dataset = CachedEmbeddings(tensors, cfg.dataset.random_flip, cfg.dataset.caption_dropout, empty)
     else:
         dataset = CaptionedImages(checked.table, cfg.dataset, functools.partial(family.tokenize, comps.tokenizers))
     dataloader = build_dataloader(dataset, cfg.trainer.train_batch_size, cfg.dataset.num_workers, cfg.trainer.seed,
                                   pin_memory=checked.backend.name != "cpu", collate_fn=collate,
-                                  drop_last=cfg.dataset.drop_last)
+                                  drop_last=cfg.dataset.drop_last, num_processes=accelerator.num_processes)
     if len(dataloader) == 0:
         raise UserError(f"dataset.drop_last=true leaves no batch: {len(dataset)} samples < trainer.train_batch_size="
                         f"{cfg.trainer.train_batch_size}; lower the batch size or set dataset.drop_last=false")
@@ -262,11 +281,14 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
         base, *text_encoders = (accelerator.unwrap_model(m, keep_torch_compile=False) for m in tr.models.trained)
         with writing(run_dir / "lora", "the LoRA file and the report", f"The final checkpoint {final} is saved: "
                      "once there is room, trainer.resume_from_checkpoint=latest writes them"):
-            lora_file = save_lora(family.lora_modules(base, tuple(text_encoders)), run_dir / "lora",
-                                  metadata={"sd_lora_config": config_json(tr.cfg)})
+            with tr.ema.applied() if tr.ema is not None else contextlib.nullcontext():  # the EMA's weights are the LoRA
+                lora_file = save_lora(family.lora_modules(base, tuple(text_encoders)), run_dir / "lora",
+                                      metadata={"sd_lora_config": config_json(tr.cfg)})
             export_lora(tr, base, lora_file, len(checked.table))
             report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
                                   tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed)
+            if hasattr(tr.shuffle, "counts"):  # dataset.buckets: the samples in each bucket
+                report["buckets"] = tr.shuffle.counts
             log.info("done: LoRA %s, report %s", lora_file, write_report(run_dir, report))
     accelerator.end_training()
     return report

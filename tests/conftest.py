@@ -31,6 +31,15 @@ def tiny_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd15_model_path() -> Path:
+    """The tiny model in SD 1.5's layout (epsilon, convolutional attention projections): model=sd15's code path."""
+    from sd_lora.config import cache_dir
+    from sd_lora.demo import ensure_tiny_model
+
+    return ensure_tiny_model(cache_dir(), layout="sd15")
+
+
+@pytest.fixture(scope="session")
 def tiny_components(tiny_model_path):
     """The tiny model's parts, fp32, loaded once: for tests that only read them (no LoRA injected)."""
     from sd_lora.config import ModelConfig

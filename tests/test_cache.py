@@ -675,3 +675,35 @@ def test_a_trained_text_encoder_bypasses_the_cached_text_and_gets_gradients(tiny
     with torch.no_grad():
         torch.testing.assert_close(with_cache, loss(plain), rtol=1e-4, atol=1e-6)
         assert not torch.allclose(loss(stale), with_cache, rtol=1e-3)  # the cached embeddings would be stale
+
+
+def test_bucketed_cache_holds_each_image_at_its_bucket_and_batches_like_the_images(comps, tmp_path, tokenize):
+    """dataset.buckets with the cache: each row's posterior is the VAE's of its bucket-sized centre crop, rows of two
+    buckets batched in a chunk keep their order, and the cached data set batches by the same buckets, with each
+    sample's original size and crop, as the uncached one."""
+    from sd_lora.data import BucketBatches, build_dataloader
+
+    sizes = [(100, 36), (64, 60), (96, 34), (40, 44), (30, 90)]
+    folder = write_noise_folder(tmp_path / "data", [(size, f"image {i}") for i, size in enumerate(sizes)])
+    cfg = folder_cfg(folder, resolution=64, buckets=True, bucket_step=32, center_crop=True)
+    table = load_table(cfg)
+    tensors = compute_embeddings(table, cfg, encoder(comps), comps.vae, "cpu", torch.float32, batch_size=3)
+    cached = CachedEmbeddings(tensors, random_flip=True)
+    images = CaptionedImages(table, cfg, tokenize)
+    assert [cached.buckets[b] for b in cached.bucket_of] == [images.buckets[b] for b in images.bucket_of]
+    for row in range(len(table)):
+        pixels, crop = sd_lora.data.bucket_transform(open_cell(table[row]["image"]),
+                                                     images.buckets[images.bucket_of[row]], True, False)
+        with torch.no_grad():
+            expected = comps.vae.encode(pixels[None]).latent_dist.mean[0]
+        torch.testing.assert_close(cached.mean[row][0], expected, **FP32)
+        item, uncached = cached[(0, 0, row)], images[(0, 0, row)]
+        assert torch.equal(item["original_size"], uncached["original_size"])
+        assert torch.equal(item["crop_top_left"], torch.tensor(crop))
+    loader = build_dataloader(cached, batch_size=2, num_workers=0, seed=0)
+    assert isinstance(loader.batch_sampler, BucketBatches)
+    assert loader.batch_sampler.counts == build_dataloader(images, 2, 0, 0).batch_sampler.counts
+    shapes = {tuple(batch["latent_mean"].shape[-2:]) for batch in loader}  # each batch stacks one bucket's rows
+    assert shapes == {(h // 8, w // 8) for w, h in cached.buckets} and len(shapes) >= 2
+    with pytest.raises(UserError, match="set dataset.center_crop=true, or dataset.cache=false"):
+        DatasetConfig(path="d", buckets=True, cache=True, center_crop=False)

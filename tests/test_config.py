@@ -426,3 +426,23 @@ def test_help_lists_every_group_option_and_no_schema(tmp_path):
     for group in [*GROUPS, *GLOBAL_GROUPS]:
         for option in (CONF / group).glob("*.yaml"):
             assert option.stem in result.stdout, f"{group}={option.stem} missing from --help"
+
+
+def test_a_tracker_that_is_not_installed_is_named_with_its_install_line(monkeypatch):
+    """accelerate would leave it out with a debug line; the preflight names each with the one install line."""
+    from sd_lora import report
+    from sd_lora.config import Tracker
+
+    cfg = to_config(compose("trainer.report_to=[tensorboard,wandb,comet_ml]"))
+    assert cfg.trainer.report_to == [Tracker.tensorboard, Tracker.wandb, Tracker.comet_ml]
+    monkeypatch.setitem(report.TRACKER_EXTRAS, Tracker.wandb, ("not_installed_wandb", "wandb"))
+    monkeypatch.setitem(report.TRACKER_EXTRAS, Tracker.comet_ml, ("not_installed_comet", "comet"))
+    with pytest.raises(UserError) as info:
+        report.check_trackers(cfg)
+    assert str(info.value) == (
+        "trainer.report_to=['tensorboard', 'wandb', 'comet_ml']: wandb needs the not_installed_wandb package, comet_ml "
+        "needs the not_installed_comet package, which are not installed; install them with: pip install -e "
+        "\".[wandb,comet]\"")
+    report.check_trackers(to_config(compose()))  # tensorboard, the default, is always there
+    with pytest.raises(ConfigCompositionException):
+        compose("trainer.report_to=[neptune]")  # not one accelerate drives: Hydra lists the choices

@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import noise
+from conftest import noise, noise_image
 from PIL import Image
 
 import sd_lora
@@ -79,13 +79,27 @@ def write_hub_layout(root: Path) -> Path:
     return root
 
 
-LAYOUTS = {"imagefolder": write_imagefolder, "save_to_disk": write_save_to_disk, "hub_layout": write_hub_layout}
+def write_caption_files(root: Path, rows=ROWS) -> Path:
+    """kohya's layout: a.png + a.txt, some in a subfolder; a hidden folder's images are not data."""
+    (root / "sub").mkdir(parents=True)
+    (root / ".thumbs").mkdir()
+    for i, (name, colour, size) in enumerate(rows):
+        image = root / ("sub" if i % 2 else "") / f"{i:02d}.png"
+        solid(colour, size).save(image)
+        image.with_suffix(".txt").write_text(f"a {name} square\n")
+    solid((1, 2, 3), (8, 8)).save(root / ".thumbs" / "x.png")
+    return root
+
+
+LAYOUTS = {"imagefolder": write_imagefolder, "save_to_disk": write_save_to_disk, "hub_layout": write_hub_layout,
+           "caption_files": write_caption_files}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_load_table_and_captioned_images(layout, tmp_path, tokenizer, tokenize):
     path = LAYOUTS[layout](tmp_path / layout)
-    cfg = DatasetConfig(path=str(path), resolution=8, center_crop=True, random_flip=False)
+    cfg = DatasetConfig(path=str(path), resolution=8, center_crop=True, random_flip=False,
+                        caption_files=layout == "caption_files")
     table = load_table(cfg)
 
     assert len(table) == len(ROWS)
@@ -482,3 +496,155 @@ def test_captions_longer_than_the_tokenizer_takes_are_counted_and_warned_about_o
         assert long_captions(table, DatasetConfig(path="d"), (tokenizer,)) == [1, 3]
     assert caplog.text.count(f"2 of 4 training rows have a caption longer than the text encoder's {limit} tokens") == 1
     assert "rows [1, 3]" in caplog.text
+
+
+# captions: kohya's caption files, caption dropout and tag shuffling
+
+
+def test_caption_files_missing_one_is_named_and_an_edit_changes_the_fingerprint(tmp_path):
+    path = write_caption_files(tmp_path / "data")
+    cfg = DatasetConfig(path=str(path), caption_files=True)
+    before = load_table(cfg)._fingerprint
+    assert load_table(cfg)._fingerprint == before  # the embedding cache's key is stable
+    (path / "02.txt").write_text("a blue square, edited")
+    assert load_table(cfg)._fingerprint != before  # and follows the captions (and each image's size and time)
+    (path / "sub" / "01.txt").unlink()
+    with pytest.raises(UserError, match=r"1 of 4 images have no .txt caption beside them \(the first is .*01.png\)"):
+        load_table(cfg)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        load_table(DatasetConfig(path=str(empty), caption_files=True))
+
+
+def test_shuffled_tags_keep_the_first_ones_and_follow_the_sample_key():
+    from sd_lora.data import caption_variant
+
+    caption = "a corgi, red, blue, green, yellow, white, black, grass, sky"
+    tags = caption.split(", ")
+    cfg = DatasetConfig(path="d", shuffle_tags=True, keep_tags=1)
+    seen = set()
+    for epoch in range(8):
+        shuffled = caption_variant(caption, cfg, (0, epoch, 3))
+        assert shuffled == caption_variant(caption, cfg, (0, epoch, 3))  # a function of the key: resume is exact
+        parts = shuffled.split(", ")
+        assert parts[0] == "a corgi" and sorted(parts) == sorted(tags)
+        seen.add(shuffled)
+    assert len(seen) > 4  # and it does vary with the epoch
+    assert caption_variant(caption, DatasetConfig(path="d"), (0, 0, 3)) == caption  # off: untouched
+
+
+def test_caption_dropout_drops_the_same_samples_with_and_without_the_cache(tokenize):
+    """The uncached data set tokenizes the empty caption, the cached one puts in the empty caption's embedding:
+    for the same (seed, epoch, index) keys, at about the configured rate."""
+    from sd_lora.cache import CachedEmbeddings
+
+    rows = [("red", (255, 0, 0), (8, 8))] * 40
+    table = datasets.Dataset.from_dict({"image": [solid(c, s) for _, c, s in rows], "text": ["a red square"] * 40})
+    cfg = DatasetConfig(path="d", resolution=8, center_crop=True, caption_dropout=0.3)
+    images = CaptionedImages(table, cfg, tokenize)
+    empty_ids = tokenize([""])["input_ids"][0]
+    cached = CachedEmbeddings({"latent_mean": torch.zeros(40, 1, 4, 1, 1), "latent_std": torch.ones(40, 1, 4, 1, 1),
+                               "encoder_hidden_states": torch.ones(40, 2, 3)}, random_flip=False,
+                              caption_dropout=0.3, empty_caption={"encoder_hidden_states": torch.zeros(1, 2, 3)})
+    keys = [(0, epoch, i) for epoch in range(3) for i in range(40)]
+    dropped = [torch.equal(images[k]["input_ids"], empty_ids) for k in keys]
+    assert dropped == [not cached[k]["encoder_hidden_states"].any() for k in keys]
+    assert 0.2 < sum(dropped) / len(keys) < 0.4
+    assert not any(torch.equal(CaptionedImages(table, DatasetConfig(path="d", resolution=8, center_crop=True),
+                                               tokenize)[k]["input_ids"], empty_ids) for k in keys[:20])
+
+
+def test_shuffling_tags_with_the_embedding_cache_is_refused():
+    with pytest.raises(UserError, match="set dataset.cache=false to shuffle tags"):
+        DatasetConfig(path="d", shuffle_tags=True, cache=True)
+    DatasetConfig(path="d", caption_dropout=0.1, cache=True)  # dropout works with the cache
+
+
+# --------------------------------------------------------------------------------------------
+# aspect-ratio buckets
+
+
+def test_buckets_hold_the_pixel_budget_and_crop_an_image_only_by_the_rounding():
+    from sd_lora.data import bucket_transform, make_buckets, nearest_bucket
+
+    cfg = DatasetConfig(path="d", resolution=512, buckets=True, center_crop=True)
+    buckets = make_buckets(cfg)
+    assert (512, 512) in buckets and all((h, w) in buckets for w, h in buckets)  # both orientations
+    assert all(w % 64 == 0 and h % 64 == 0 and 256 <= min(w, h) and max(w, h) <= 1024 for w, h in buckets)
+    assert all(512 * 512 - 64 * max(w, h) < w * h <= 512 * 512 for w, h in buckets)  # about the square's pixels
+
+    def lost(size, bucket):  # the fraction of the image a crop to the bucket's aspect ratio loses
+        ratio = (size[0] / size[1]) / (bucket[0] / bucket[1])
+        return 1 - min(ratio, 1 / ratio)
+
+    for size in [(1000, 500), (333, 1000), (640, 480), (512, 512), (1920, 1080), (300, 290), (2000, 260)]:
+        bucket = buckets[nearest_bucket(size, buckets)]
+        pixels, (top, left) = bucket_transform(noise_image(*size), bucket, center_crop=True, random_flip=False)
+        assert pixels.shape == (3, bucket[1], bucket[0])
+        # no bucket would crop less, and far less than the square crop of dataset.buckets=false
+        assert lost(size, bucket) == pytest.approx(min(lost(size, b) for b in buckets))
+        assert lost(size, bucket) <= lost(size, (512, 512))
+        scale = max(bucket[0] / size[0], bucket[1] / size[1])  # the resized image covers the bucket, no more
+        assert 2 * top <= round(size[1] * scale) - bucket[1] + 1 and 2 * left <= round(size[0] * scale) - bucket[0] + 1
+
+
+def test_bucket_batches_give_every_process_the_same_bucket_each_step_and_resume_exactly():
+    from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
+
+    from sd_lora.data import BucketBatches
+
+    bucket_of = [0] * 11 + [1] * 6 + [2] * 1 + [3] * 5  # 23 rows in 4 buckets; 4 rows per step
+    buckets = [(64, 64), (96, 32), (32, 96), (128, 32)]
+
+    def per_process(epoch, drop_last=False, skip=0):
+        out = []
+        for rank in range(2):
+            batches = BucketBatches(bucket_of, buckets, batch_size=2, seed=3, num_processes=2, drop_last=drop_last)
+            batches.epoch = epoch
+            shard = BatchSamplerShard(batches, num_processes=2, process_index=rank)
+            out.append([[i for _, _, i in b] for b in (SkipBatchSampler(shard, skip) if skip else shard)])
+        return out
+
+    for drop_last in (False, True):
+        rank0, rank1 = per_process(1, drop_last)
+        assert len(rank0) == len(rank1) == len(BucketBatches(bucket_of, buckets, 2, 3, 2, drop_last)) // 2
+        for a, b in zip(rank0, rank1):  # each step one bucket on both processes
+            assert len({bucket_of[i] for i in a + b}) == 1
+        seen = [i for batch in rank0 + rank1 for i in batch]
+        assert len(seen) == len(set(seen))  # no row twice in an epoch
+        # a bucket's last rows are split over the two processes (11 = 4 + 4 + 1|2); fewer rows than processes cannot
+        # be (bucket 2's one, bucket 3's fifth); drop_last drops every last step short of 4 rows (which rows: the
+        # epoch's order)
+        per_bucket = {b: sum(bucket_of[i] == b for i in seen) for b in range(4)}
+        assert per_bucket == ({0: 8, 1: 4, 2: 0, 3: 4} if drop_last else {0: 11, 1: 6, 2: 0, 3: 4})
+        assert {len(b) for b in rank0 + rank1} == ({2} if drop_last else {1, 2})
+    assert per_process(1) == per_process(1) and per_process(1) != per_process(2)  # a function of (seed, epoch)
+    # a resumed process skips the batches already trained and goes on with the same ones
+    assert per_process(1, skip=2) == [rank[2:] for rank in per_process(1)]
+
+
+def test_bucketed_samples_keep_their_size_and_crop_and_batch_together(tokenize):
+    from sd_lora.data import BucketBatches, collate
+
+    rows = [("red", (255, 0, 0), (100, 36)), ("green", (0, 255, 0), (64, 60)), ("blue", (0, 0, 255), (96, 34))]
+    table = rows_dataset(rows)
+    cfg = DatasetConfig(path="d", resolution=64, buckets=True, bucket_step=32, random_flip=True)
+    items = CaptionedImages(table, cfg, tokenize)
+    assert [items.buckets[b] for b in items.bucket_of] == [(96, 32), (64, 64), (96, 32)]
+    loader = build_dataloader(items, batch_size=2, num_workers=0, seed=0)
+    assert isinstance(loader.batch_sampler, BucketBatches) and loader.batch_sampler.counts == {"64x64": 1, "96x32": 2}
+    shapes = sorted(tuple(b["pixel_values"].shape) for b in loader)
+    assert shapes == [(1, 3, 64, 64), (2, 3, 32, 96)]
+    item = items[(0, 0, 0)]
+    assert item["original_size"].tolist() == [36, 100]  # (height, width), as SDXL's time ids take them
+    top, left = item["crop_top_left"].tolist()
+    assert 0 <= top <= 3 and left == 0  # only the rounding: 100x36 resized to 96x35, 3 rows to spare
+    assert collate([items[(0, 0, 0)], items[(0, 0, 2)]])["crop_top_left"].shape == (2, 2)
+
+
+def test_bucket_edges_that_miss_the_resolution_are_refused():
+    with pytest.raises(UserError, match="must enclose dataset.resolution=512"):
+        DatasetConfig(path="d", buckets=True, bucket_min_edge=576)
+    with pytest.raises(UserError, match="dataset.bucket_step=12"):
+        DatasetConfig(path="d", buckets=True, bucket_step=12)

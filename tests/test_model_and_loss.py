@@ -1,10 +1,12 @@
 """Model loading, LoRA injection, attention backends, training targets, Min-SNR and clipping.
 
-All on the tiny SD-2.1-shaped pipeline (real diffusers / transformers / peft classes), on the CPU.
+All on the tiny SD-2.1-shaped pipeline (and its SD-1.5-shaped twin; real diffusers / transformers / peft
+classes), on the CPU.
 """
 
 import pytest
 import torch
+from conftest import ROOT
 
 from sd_lora.config import Attention, LoraSettings, ModelConfig, PredictionType
 from sd_lora.model import add_lora, load_components, resolve_model_path
@@ -54,6 +56,42 @@ def test_min_snr_weights_follow_the_prediction_type(tiny_model_path, prediction_
     per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(diffusion_loss(pred, target, t, sched, gamma), (per_sample * weights).mean())
     torch.testing.assert_close(diffusion_loss(pred, target, t, sched, None), per_sample.mean())
+
+
+def test_sd15_and_sd21_layouts_take_the_same_path_to_their_own_targets(tiny_model_path, tiny_sd15_model_path):
+    """model=sd15 and model=sd21_base go through the same family, loader, LoRA injection and training step; what
+    differs is read from the folder: SD 1.5's epsilon target and its convolutional attention projections."""
+    from sd_lora.data import CaptionedImages, collate
+    from sd_lora.config import DatasetConfig
+
+    seen = {}
+    for name, path in (("sd21", tiny_model_path), ("sd15", tiny_sd15_model_path)):
+        comps = components(path)
+        unet, family = comps.unet, family_of(ModelConfig(pretrained_model_name_or_path=str(path)))
+        params = add_lora(unet, Attention.sdp, LoraSettings(rank=2))
+        proj_in = type(unet.down_blocks[0].attentions[0].proj_in).__name__
+        pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+        tokens = family.tokenize(comps.tokenizers, ["a red circle", "a blue square"])
+        models = StepModels(unet, comps.vae, comps.text_encoders, comps.noise_scheduler, torch.float32, family)
+        loss = train_step(models, {"pixel_values": pixels, **tokens}, 0.0, None,
+                          sample_generators([0, 1], 0, 0, "cpu"))
+        loss.backward()
+        seen[name] = (comps.noise_scheduler.config.prediction_type, proj_in, all(p.grad is not None for p in params))
+    assert seen == {"sd21": ("v_prediction", "Linear", True), "sd15": ("epsilon", "Conv2d", True)}
+
+
+def test_sd15_hub_id_is_read_from_the_local_cache_or_named_in_a_download_line(tmp_path, monkeypatch):
+    import hydra
+
+    import sd_lora.config  # noqa: F401  (schemas)
+    from sd_lora.config import to_config
+    from sd_lora.errors import UserError
+
+    with hydra.initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_config(hydra.compose("config", overrides=["model=sd15"]))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="hf download stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        resolve_model_path(cfg.model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -146,3 +184,62 @@ def test_the_text_encoder_lora_trains_at_its_own_learning_rate_scaled_like_the_u
     assert lrs() == [1e-4, 1e-4]  # null: the U-Net's
     assert lrs(text_encoder_lr=5e-5) == [1e-4, 5e-5]
     assert lrs(text_encoder_lr=5e-5, scale_lr=True) == pytest.approx([4e-4, 2e-4])  # batch 2 x 2 processes
+
+
+def unet_output(unet):
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), text).sample
+
+
+@pytest.mark.parametrize("lora", [dict(use_dora=True), dict(init_lora_weights="pissa"), dict(init_lora_weights="olora"),
+                                  dict(init_lora_weights="kaiming")], ids=["dora", "pissa", "olora", "kaiming"])
+def test_every_lora_variant_saves_a_file_diffusers_loads_onto_the_unchanged_base(lora, tiny_model_path, tmp_path):
+    """The U-Net as trained (DoRA's magnitudes; PiSSA's / OLoRA's start taken out of the frozen fp16 weights) and the
+    unchanged base pipeline with the saved file give the same output, and not the base's."""
+    from diffusers import StableDiffusionPipeline
+
+    from sd_lora.config import LoraInit
+    from sd_lora.model import save_lora
+
+    settings = LoraSettings(rank=2, alpha=4, **{k: LoraInit(v) if k == "init_lora_weights" else v
+                                                 for k, v in lora.items()})
+    unet = components(tiny_model_path, dtype=torch.float16).unet
+    base_weight = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().clone()
+    params = add_lora(unet, Attention.sdp, settings)
+    mutated = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight
+    assert torch.equal(mutated, base_weight) == (settings.init_lora_weights not in (LoraInit.pissa, LoraInit.olora))
+    assert all(p.dtype == torch.float32 for p in params)
+    torch.manual_seed(1)
+    for p in params:  # as if trained
+        p.data += 0.05 * torch.randn_like(p)
+    unet.float()
+    trained = unet_output(unet)
+    path = save_lora({"unet": unet}, tmp_path / "lora")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    base = unet_output(pipe.unet)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    config = pipe.unet.peft_config["default_0"]
+    mutating = settings.init_lora_weights in (LoraInit.pissa, LoraInit.olora)
+    assert (config.r, config.lora_alpha, config.use_dora) == ((4, 8.0) if mutating else (2, 4.0)) + (settings.use_dora,)
+    loaded = unet_output(pipe.unet)
+    assert (trained - base).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, trained, atol=5e-3, rtol=0)  # the frozen weights were fp16 in training
+
+
+def test_a_dora_lora_is_refused_in_kohyas_layout_before_work_and_by_the_converter(tiny_model_path, tmp_path):
+    from sd_lora.config import Config, DatasetConfig, DeviceConfig, DeviceType
+    from sd_lora.errors import UserError
+    from sd_lora.export import diffusers_to_kohya
+    from sd_lora.preflight import checks_before_work
+
+    with pytest.raises(UserError, match=r"model.lora.use_dora=true: kohya's layout .* add trainer.export_formats=\[\]"):
+        checks_before_work(Config(model=ModelConfig(pretrained_model_name_or_path=str(tiny_model_path),
+                                                    lora=LoraSettings(use_dora=True)),
+                                  dataset=DatasetConfig(path=str(ROOT / "sd_lora" / "assets" / "shapes")),
+                                  device=DeviceConfig(type=DeviceType.cpu)))
+    with pytest.raises(UserError, match=r"the LoRA is a DoRA \(1 magnitude vectors"):
+        diffusers_to_kohya({"unet.a.lora.down.weight": torch.zeros(2, 4), "unet.a.lora.up.weight": torch.zeros(4, 2),
+                            "unet.a.lora_magnitude_vector": torch.ones(4)}, {"lora_adapter_metadata": "{}"})

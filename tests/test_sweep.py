@@ -97,6 +97,25 @@ def test_committed_sweeps_compose():
         assert optuna_cfg.hydra.sweeper.direction == "minimize"
 
 
+def test_a_sweep_over_optimizers_composes_one_typed_config_per_job():
+    """`-m optimizer=adamw,prodigy model.lora.rank=4,8`: four jobs, each its optimizer's own defaults (prodigy's lr
+    1.0) under the swept rank, and one summary column per swept key."""
+    import hydra
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sd_lora.config import to_config
+    from sd_lora.sweep import short_names
+
+    overrides = OverridesParser.create().parse_overrides(["optimizer=adamw,prodigy", "model.lora.rank=4,8"])
+    (jobs,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    with hydra.initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        configs = [to_config(hydra.compose("config", overrides=list(job))) for job in jobs]
+    assert sorted((c.optimizer.name.value, c.optimizer.lr, c.model.lora.rank) for c in configs) == [
+        ("adamw", 1e-4, 4), ("adamw", 1e-4, 8), ("prodigy", 1.0, 4), ("prodigy", 1.0, 8)]
+    assert short_names(["optimizer", "model.lora.rank"]) == {"optimizer": "optimizer", "model.lora.rank": "rank"}
+
+
 def test_optuna_sweep_minimises_the_validation_loss(tmp_path, tiny_model_path):
     sweep_dir = tmp_path / "optuna"
     result = run_launch("+sweep=optuna_lr_rank", *FAST, "hydra.sweeper.n_trials=2", "model.lora.rank=2",
