@@ -55,14 +55,19 @@ def fake_gcu(monkeypatch):
         namespace = RecordingGcu(**kwargs)
         monkeypatch.setitem(sys.modules, "torch_gcu", module)
         monkeypatch.setitem(sys.modules, "torch_gcu.transfer_to_gcu", transfer)
-        monkeypatch.setattr(torch, "gcu", namespace, raising=False)
-        # torch_gcu 2.x registers the PrivateUse1 backend under the name "gcu" on import; irreversible
-        # in a process, and harmless to the other tests (it only makes "gcu" a valid device string)
+        torch.gcu = namespace
+        torch.get_device_module.cache_clear()
+        # torch_gcu 2.x registers the PrivateUse1 backend under the name "gcu" on import; irreversible in a process
         if torch._C._get_privateuse1_backend_name() != "gcu":
             torch.utils.rename_privateuse1_backend("gcu")
         return namespace, transfer
 
-    return install
+    yield install
+    # What stays for the rest of the process is what torch sees with torch_gcu installed and no GCU: a "gcu"
+    # backend whose module reports no device. Without a module, torch.accelerator (which every optimizer step
+    # asks) fails on the renamed backend, and the tests after this one would too.
+    torch.gcu = types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0)
+    torch.get_device_module.cache_clear()
 
 
 def test_gcu_backend_calls_the_documented_torch_gcu_functions(fake_gcu):

@@ -478,5 +478,7 @@ def test_compiled_vae_encoder_trains_the_same_lora(run_dir, tmp_path):
     assert report["switches"]["compile_mode"] is None
     name = "lora/pytorch_lora_weights.safetensors"
     base, compiled = load_file(run_dir / name), load_file(out / name)
+    # 6 Adam steps at lr 1e-2 move the weights by ~1e-2; the fused kernel's rounding moved a few by up to 1.6e-5
+    # (torch 2.13 CPU, seen on some runs of the same code): a broken encoder would be off by the steps themselves
     for key in base:
-        torch.testing.assert_close(compiled[key], base[key], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(compiled[key], base[key], rtol=1e-3, atol=1e-4)

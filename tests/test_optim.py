@@ -56,7 +56,7 @@ def test_every_optimizer_trains_the_fp32_lora_and_resumes_bit_exactly(name, tiny
         optimizer = build_optimizer(cfg, params, 1, fused_by_default=False)
         scheduler = build_lr_scheduler(cfg, optimizer, max_train_steps=6, num_processes=1)
         unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
-        register_checkpoint_hooks(accelerator, unet)
+        register_checkpoint_hooks(accelerator, {"unet": unet})
         return accelerator, unet, params, optimizer, scheduler
 
     def steps(accelerator, unet, params, optimizer, scheduler, n):
