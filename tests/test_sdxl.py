@@ -72,6 +72,17 @@ def test_time_ids_are_each_samples_original_size_crop_and_target_cached_or_not(p
     keys = [(3, 1, 0), (3, 1, 1)]
     a, b = collate([cached[k] for k in keys]), collate([plain[k] for k in keys])
     assert torch.equal(a["crop_top_left"], b["crop_top_left"]) and torch.equal(a["original_size"], b["original_size"])
+    # an odd excess (50x32 -> 25x16: 9 px) puts the mirror image's centre crop one pixel off the upright one's
+    # (left 4 upright, 5 mirrored): the cache picks, per sample, the crop of the view the images path flips to
+    odd_folder = write_noise_folder(tmp_path / "odd", [((50, 32), "a red circle")])
+    odd_cfg = DatasetConfig(path=str(odd_folder), resolution=16, center_crop=True, random_flip=True)
+    odd_table = load_table(odd_cfg, seed=0)
+    odd_plain = CaptionedImages(odd_table, odd_cfg, functools.partial(FAMILY.tokenize, parts.tokenizers))
+    odd_cached = CachedEmbeddings(compute_embeddings(odd_table, odd_cfg, encode, parts.vae, "cpu", torch.float32),
+                                  random_flip=True)
+    crops = [(odd_cached[(0, epoch, 0)]["crop_top_left"].tolist(), odd_plain[(0, epoch, 0)]["crop_top_left"].tolist())
+             for epoch in range(8)]
+    assert all(cached == plain for cached, plain in crops) and {tuple(p) for _, p in crops} == {(0, 4), (0, 5)}
     with torch.no_grad():
         losses = [train_step(models, batch, 0.0, None, sample_generators(batch["index"], 3, 1, "cpu"))
                   for batch in (a, b)]
