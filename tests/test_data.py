@@ -640,6 +640,7 @@ def test_bucketed_samples_keep_their_size_and_crop_and_batch_together(tokenize):
     assert item["original_size"].tolist() == [36, 100]  # (height, width), as SDXL's time ids take them
     top, left = item["crop_top_left"].tolist()
     assert 0 <= top <= 3 and left == 0  # only the rounding: 100x36 resized to 96x35, 3 rows to spare
+    assert item["target_size"].tolist() == [32, 96] == list(item["pixel_values"].shape[1:])  # the bucket (h, w)
     assert collate([items[(0, 0, 0)], items[(0, 0, 2)]])["crop_top_left"].shape == (2, 2)
 
 
