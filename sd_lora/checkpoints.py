@@ -253,6 +253,12 @@ REFUSED_ON_RESUME = {  # key -> why it cannot change inside a run
     "precision.mixed_precision": "the checkpoint's optimizer and grad-scaler state belong to its precision",
     "optimizer.lr_scheduler": "the checkpoint's schedule is half run",
     "optimizer.lr_warmup_steps": "the checkpoint's schedule is half run",
+    "optimizer.lr_warmup_fraction": "the checkpoint's schedule is half run",
+    "optimizer.lr_num_cycles": "the checkpoint's schedule is half run",
+    "optimizer.lr_power": "the checkpoint's schedule is half run",
+    "optimizer.name": "the checkpoint's optimizer state belongs to its optimizer",
+    "trainer.ema_decay": "the checkpoint's moving average keeps its own decay",
+    "trainer.ema_start_step": "the checkpoint's moving average keeps its own start step",
 }
 
 
@@ -460,16 +466,19 @@ def resume(accelerator, cfg: Config, path: Path, steps_per_epoch: int, optimizer
 def apply_changed_settings(cfg: Config, meta: dict, optimizer, lr_scheduler, num_processes: int) -> None:
     """The optimizer settings that differ from the checkpoint's, put into the optimizer and the schedule that
     load_state has just brought back with the old ones (the rest are read from the config at each step)."""
+    from sd_lora.config import OptimizerName
     from sd_lora.optim import param_groups
 
     changed = changed_settings(cfg, meta)
     o = cfg.optimizer
+    # Adafactor's relative step: its AdafactorSchedule has base_lrs 0 and no group lr is used; nothing to rescale
+    relative = o.name is OptimizerName.adafactor and o.adafactor.relative_step
     scale = global_batch_size(cfg, num_processes) if o.scale_lr else 1  # as optim.build_optimizer has it
     # each group's peak as optim.param_groups makes them: the U-Net's first, then the text encoders'
     peaks = [g["lr"] for g in param_groups(cfg, {"unet": [], **{f"text_{i}": [] for i in
                                                                  range(len(optimizer.param_groups) - 1)}}, scale)]
     schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
-    if any(old != base for old, base in zip(schedule.base_lrs, peaks)):  # a new lr, or scale_lr with a new layout
+    if not relative and any(old != base for old, base in zip(schedule.base_lrs, peaks)):  # a new lr, or scale_lr with a new layout
         if not {"optimizer.lr", "optimizer.text_encoder_lr", "optimizer.scale_lr"} & set(changed):
             log.warning("resumed with the peak learning rate changed %s -> %s (optimizer.scale_lr=true with another "
                         "batch layout)", schedule.base_lrs[0], peaks[0])

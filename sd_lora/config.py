@@ -386,6 +386,10 @@ class OptimizerConfig:
         _check(not (self.scale_lr and self.name is OptimizerName.prodigy), "optimizer.scale_lr", self.scale_lr,
                "Prodigy's lr multiplies the step size it estimates itself (keep it ~1.0), so it is not scaled by "
                "the batch size: set optimizer.scale_lr=false")
+        _check(not (self.name is OptimizerName.prodigy and self.text_encoder_lr is not None
+                    and self.text_encoder_lr != self.lr), "optimizer.text_encoder_lr", self.text_encoder_lr,
+               "Prodigy takes one lr for every parameter group (it raises at the first step otherwise): set "
+               "optimizer.text_encoder_lr=null")
         relative = self.name is OptimizerName.adafactor and self.adafactor.relative_step
         _check(not relative or (self.lr_scheduler is LrScheduler.constant and not warms_up),
                "optimizer.adafactor.relative_step", True, "Adafactor then sets its own step size, which no lr "

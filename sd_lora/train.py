@@ -131,6 +131,12 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path, compile_mode
 
     backend.before_accelerate()  # GCU: torch_gcu.transfer_to_gcu, so that accelerate's CUDA path drives it
     kwargs = dict(backend.accelerator_kwargs())
+    if cfg.model.lora.train_text_encoder and family_of(cfg.model).unused_text_layers:
+        # a text encoder layer the conditioning does not read gets no gradient for its LoRA, which DDP without
+        # unused-parameter detection refuses at the second step (diffusers' SDXL LoRA scripts set the same)
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if cfg.trainer.compile:  # accelerate compiles in prepare(), after any DDP wrapping
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=compile_mode)
     return Accelerator(

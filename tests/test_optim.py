@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd_lora.config import (AdafactorSettings, Config, DatasetConfig, DeviceConfig, DeviceType, LoraSettings,
-                            LrScheduler, ModelConfig, OptimizerConfig, OptimizerName)
+                            LrScheduler, ModelConfig, OptimizerConfig, OptimizerName, TrainerConfig)
 from sd_lora.errors import UserError
 from sd_lora.optim import EXTRAS, build_lr_scheduler, build_optimizer, check_optimizer
 
@@ -171,3 +171,27 @@ def test_a_missing_optimizer_package_or_device_is_refused_before_work(monkeypatc
         check_optimizer(config(name=OptimizerName.adamw8bit), None)
     except UserError as exc:
         assert "needs the bitsandbytes package" in str(exc)
+
+
+def test_settings_that_cannot_change_inside_a_run_are_refused_and_adafactors_own_steps_resume():
+    """Resume (checkpoints.changed_settings / apply_changed_settings): a changed optimizer, schedule shape or EMA
+    setting is among the refused keys; Adafactor's relative step (its schedule's base lrs are 0) resumes without
+    rescaling anything; Prodigy with another lr for the text encoder is refused at config time."""
+    from sd_lora.checkpoints import REFUSED_ON_RESUME, apply_changed_settings, changed_settings, result_settings
+
+    def cfg_of(optimizer=None, **trainer):
+        return Config(model=ModelConfig(pretrained_model_name_or_path="m"), dataset=DatasetConfig(path="d"),
+                      optimizer=optimizer or OptimizerConfig(), trainer=TrainerConfig(**trainer))
+
+    saved = {"settings": result_settings(cfg_of())}
+    for changed in (cfg_of(OptimizerConfig(name=OptimizerName.lion, lr=1e-5)),
+                    cfg_of(OptimizerConfig(lr_scheduler=LrScheduler.cosine_with_restarts, lr_num_cycles=3)),
+                    cfg_of(ema=True, ema_decay=0.99)):
+        assert set(changed_settings(changed, saved)) & set(REFUSED_ON_RESUME), changed
+    relative = cfg_of(OptimizerConfig(name=OptimizerName.adafactor, adafactor=AdafactorSettings(relative_step=True)))
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_optimizer(relative, {"unet": [param]}, num_processes=1, fused_by_default=False)
+    scheduler = build_lr_scheduler(relative, optimizer, 10, 1)
+    apply_changed_settings(relative, {"settings": result_settings(relative)}, optimizer, scheduler, 1)  # no 0-division
+    with pytest.raises(UserError, match="optimizer.text_encoder_lr=0.5.*Prodigy takes one lr"):
+        OptimizerConfig(name=OptimizerName.prodigy, lr=1.0, text_encoder_lr=0.5)

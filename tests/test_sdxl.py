@@ -153,3 +153,13 @@ def test_an_sdxl_run_resumes_bit_identical_and_generates(run_dir, tmp_path):
                         f"out_dir={out}", "device_type=cpu", module="sd_lora.generate")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in out.glob("*.png")] == ["00.png"]
+
+
+def test_sdxl_text_encoders_train_under_ddp_although_a_layer_is_unread(tmp_path, sdxl_path):
+    """SDXL reads the first text encoder's penultimate layer, so its last layer's LoRA gets no gradient; DDP (two
+    processes here) must be told, or it stops at the second step."""
+    out = tmp_path / "ddp"
+    result = run_launch("model=tiny_sdxl", "device=cpu", "device.num_processes=2", "model.lora.train_text_encoder=true",
+                        "trainer.max_train_steps=3", "trainer.validation_prompts=[]", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["global_step"] == 3

@@ -46,6 +46,7 @@ class ModelFamily(ABC):
     text_folders: tuple[str, ...]  # the folders the text side is read from (they key the embedding cache)
     condition_keys: tuple[str, ...]  # the tensors `encode` returns: what the embedding cache keeps per caption
     text_prefixes: tuple[str, ...]  # the LoRA file's key prefix of each text encoder, in the pipeline's order
+    unused_text_layers: bool = False  # the conditioning skips a text encoder's last layer(s): their LoRA gets no grad
 
     @abstractmethod
     def load(self, cfg: ModelConfig, path: Path, dtype: torch.dtype) -> Components:

@@ -25,6 +25,7 @@ class StableDiffusionXL(ModelFamily):
     text_folders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     condition_keys = ("encoder_hidden_states", "pooled_prompt_embeds")
     text_prefixes = ("text_encoder", "text_encoder_2")
+    unused_text_layers = True  # the first encoder's last layer: only its penultimate hidden states are read
 
     def load(self, cfg: ModelConfig, path: Path, dtype: torch.dtype) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
