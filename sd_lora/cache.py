@@ -34,6 +34,7 @@ from sd_lora.data import (_image_where, bucket_resized_size, bucket_transform, d
 from sd_lora.errors import UserError
 from sd_lora.families import Components, family_of
 from sd_lora.files import save_safetensors
+from sd_lora.hub import resolve_local
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ def cache_key(model_cfg: ModelConfig, model_path: Path, comps: Components, table
         "model_path": str(Path(model_path).resolve()),
         "revision": model_cfg.revision,
         "variant": model_cfg.variant,
-        **({"vae_path": str(Path(model_cfg.vae_path).expanduser().resolve())} if model_cfg.vae_path else {}),
         "vae": dict(comps.vae.config),
         **family.cache_identity(comps),
         "weights": _files_fingerprint(Path(model_path), ("vae", *family.text_folders)),
@@ -67,6 +67,10 @@ def cache_key(model_cfg: ModelConfig, model_path: Path, comps: Components, table
     }
     if cfg.buckets:  # each row at its bucket's size
         parts["buckets"] = [cfg.bucket_step, *cfg.bucket_edges()]
+    if model_cfg.vae_path:  # another VAE (SDXL's fp16-fixed one): its folder (a hub snapshot's names its revision)
+        vae_dir = resolve_local("model.vae_path", model_cfg.vae_path)
+        parts["vae_path"] = str(vae_dir.resolve())
+        parts["vae_weights"] = _files_fingerprint(vae_dir, (".",))
     if cfg.on_bad_image is OnFailure.skip:  # a cache without the bad rows must not serve a run that would stop on them
         parts["on_bad_image"] = cfg.on_bad_image.value
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

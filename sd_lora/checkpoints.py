@@ -259,6 +259,7 @@ REFUSED_ON_RESUME = {  # key -> why it cannot change inside a run
     "optimizer.name": "the checkpoint's optimizer state belongs to its optimizer",
     "trainer.ema_decay": "the checkpoint's moving average keeps its own decay",
     "trainer.ema_start_step": "the checkpoint's moving average keeps its own start step",
+    "dataset.buckets": "the batches, and so the position inside the epoch, are another set with buckets",
 }
 
 

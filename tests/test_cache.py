@@ -281,12 +281,18 @@ def test_cache_key_changes_with_every_setting_it_depends_on(tmp_path, tiny_model
     # settings the cache does not depend on leave the key alone
     assert key(dcfg=shapes_cfg(num_workers=2, drop_last=True, cache_dir=str(tmp_path))) == base
 
+    vae_copy, vae_changed = tmp_path / "vae", tmp_path / "vae2"
+    shutil.copytree(model_path / "vae", vae_copy)
+    shutil.copytree(model_path / "vae", vae_changed)
+    (vae_changed / "config.json").write_text((vae_copy / "config.json").read_text() + " ")  # size differs
     changed = {
         "resolution": key(dcfg=shapes_cfg(resolution=32)),
         "center_crop": key(dcfg=shapes_cfg(center_crop=False)),
         "random_flip": key(dcfg=shapes_cfg(random_flip=False)),
         "model path": key(mpath=tmp_path / "another-model"),
         "revision": key(mcfg=dataclasses.replace(model_cfg, revision="v2")),
+        "another VAE (model.vae_path)": key(mcfg=dataclasses.replace(model_cfg, vae_path=str(vae_copy))),
+        "the other VAE's weights changed": key(mcfg=dataclasses.replace(model_cfg, vae_path=str(vae_changed))),
         "variant": key(mcfg=dataclasses.replace(model_cfg, variant="fp16")),
         "dtype fp16": key(dtype=torch.float16),
         "dtype bf16": key(dtype=torch.bfloat16),
