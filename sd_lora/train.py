@@ -88,13 +88,8 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
     shuffle = epoch_order(dataloader)  # data.EpochShuffle or data.BucketBatches: the loop tells it the epoch
     dataloader = accelerator.prepare(dataloader)  # sharded first, so that steps are counted as they will run
     length = run_length(cfg, len(dataloader))
-    optimizer = build_optimizer(cfg, lora_params, accelerator.num_processes,
-                                fused_by_default=checked.backend.capabilities().fused_optimizer)
-    lr_scheduler = build_lr_scheduler(cfg, optimizer, length.max_train_steps, accelerator.num_processes)
-    trained = family.lora_modules(comps.unet, comps.text_encoders if comps.text_trained else ())
-    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
-    trained = dict(zip(trained, prepared))
-    register_checkpoint_hooks(accelerator, trained)
+    trained, optimizer, lr_scheduler = prepare_trained(cfg, accelerator, family, comps, lora_params, length,
+                                                       checked.backend)
     unet = trained["unet"]
     all_params = [p for group in lora_params.values() for p in group]
     ema = build_ema(cfg, accelerator, all_params)  # before the resume, which restores it
@@ -147,6 +142,21 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path, compile_mode
         dataloader_config=DataLoaderConfiguration(non_blocking=backend.name != "cpu"),
         **kwargs,
     )
+
+
+def prepare_trained(cfg: Config, accelerator, family: ModelFamily, comps: Components,
+                    lora_params: dict[str, list[torch.nn.Parameter]], length, backend: Backend):
+    """The optimizer and lr schedule over the LoRA parameters, and the trained modules (the U-Net, and the text
+    encoders when they train) prepared by accelerate with them, under the LoRA file's prefixes; checkpoints then
+    hold each module's LoRA."""
+    optimizer = build_optimizer(cfg, lora_params, accelerator.num_processes,
+                                fused_by_default=backend.capabilities().fused_optimizer)
+    lr_scheduler = build_lr_scheduler(cfg, optimizer, length.max_train_steps, accelerator.num_processes)
+    trained = family.lora_modules(comps.unet, comps.text_encoders if comps.text_trained else ())
+    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    trained = dict(zip(trained, prepared))
+    register_checkpoint_hooks(accelerator, trained)
+    return trained, optimizer, lr_scheduler
 
 
 def build_ema(cfg: Config, accelerator, lora_params: list[torch.nn.Parameter]):
