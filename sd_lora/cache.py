@@ -122,15 +122,16 @@ def compute_embeddings(table, cfg: DatasetConfig, encode_captions: Callable[[lis
                                 f"{type(caption).__name__}; set dataset.cache=false")
             if buckets is None:
                 target = (cfg.resolution, cfg.resolution)  # (w, h)
-                pixels, resized = train_transform(image, cfg.resolution, center_crop=True, random_flip=False), \
-                    resized_size(image.size, cfg.resolution)
+                geometry: dict = {}
+                pixels = train_transform(image, cfg.resolution, center_crop=True, random_flip=False, geometry=geometry)
+                resized = resized_size(image.size, cfg.resolution)
             else:  # the image's bucket, with the (centred) crop of its rounding
                 target = buckets[nearest_bucket(image.size, buckets)]
-                pixels, _ = bucket_transform(image, target, center_crop=True, random_flip=False)
+                pixels, crop = bucket_transform(image, target, center_crop=True, random_flip=False)
+                geometry = size_conditioning((h, w), crop, (target[1], target[0]))
                 resized = bucket_resized_size(image.size, target)
                 bucket_sizes.append(target)
-            top, left = round((resized[1] - target[1]) / 2.0), round((resized[0] - target[0]) / 2.0)
-            geometry = size_conditioning((h, w), (top, left), (target[1], target[0]))
+            top, left = geometry["crop_top_left"].tolist()
             images.append(pixels)
             crops = [geometry["crop_top_left"]]
             if views == 2:
