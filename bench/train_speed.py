@@ -1,4 +1,9 @@
-"""Training speed and memory: diffusers' LoRA loop against the framework's presets, in one run.
+"""Training speed and memory: diffusers' unmodified LoRA script against the framework's presets, in one run.
+
+    python bench/train_speed.py --work /tmp/bench --reference-script ../shared/reference/train_text_to_image_lora.py
+    python bench/train_speed.py --work /tmp/bench --model sdxl \
+        --reference-script ../shared/reference/train_text_to_image_lora_sdxl.py --variants script,throughput
+    python bench/train_speed.py --work /tmp/bench --reference-script ... --batch 4,8,16 --variants script,throughput
 
     python bench/train_speed.py --work /tmp/bench                      # SD 2.1 architecture, 768 px, batch 4, fp16
     python bench/train_speed.py --work /tmp/bench --tiny --device cpu  # smoke test of this script on a CPU
@@ -9,8 +14,12 @@
 --precompile compiles the trainer variants (all, or those it names) side by side before any timing (their
 first_step_s then shows a warm compile cache, and the compile time is printed once for all).
 
-Builds the SD 2.1-architecture pipeline with random weights (bench/sd21.py) and a synthetic captioned
-data set at the training resolution, then measures in this one process tree:
+Builds the SD 2.1-architecture pipeline with random weights (bench/sd21.py; SDXL's with --model sdxl,
+bench/sdxl.py) and a synthetic captioned data set at the training resolution, then measures in this one
+process tree:
+  script      diffusers' own train_text_to_image_lora.py (or _sdxl.py), unmodified, the file --reference-script
+              names, run by the step timer beside it (step_timer.py: a CUDA-synchronised timestamp at each
+              optimizer step) on the same model, data, resolution and batch: the baseline of every ratio
   reference   what diffusers' train_text_to_image_lora.py does each step: VAE encode + text encoder +
               U-Net with AttnProcessor2_0 under fp16 autocast, LoRA rank 4 on to_q/k/v/out.0, foreach
               AdamW, clipping, loss read back every step; no compile, no caching
@@ -18,11 +27,15 @@ data set at the training resolution, then measures in this one process tree:
   throughput  `perf=throughput`, the framework's trainer (`python launch.py`, the loop users run)
   nocache     the same without the cache: the same work per step as the reference
   memory      `perf=memory`
+With several batch sizes (--batch 4,8,16) each row runs at each, named name@bN, its ratio taken to the
+script's (or the reference loop's) row of the same batch. --val-loss holds out a tenth of the data and
+puts each trainer row's validation loss after the last step in the table (fixed timesteps and noise, so
+rows of one run compare: fp8 against fp16, say).
 It prints a table: s/step after --skip steps, median and mean (the reference: from one synchronised step's
 end to the next, its wait for the batch included, as in the trainer's; the step alone is printed below the
 table; the trainer: report.json's median of per-step device-event times and its wall-time mean), images/s, peak allocated memory, MFU (U-Net forward +
 backward FLOPs per step, counted with torch.utils.flop_counter, over step time over the measured fp16
-matmul rate), and the ratio of images/s to the reference's. Full numbers go to <out>/results.json (the
+matmul rate), and the ratio of images/s to the script's (without --reference-script, to the reference loop's). Full numbers go to <out>/results.json (the
 reference keyed like report.json: seconds_per_step the mean, seconds_per_step_median the median).
 """
 
@@ -31,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -86,16 +100,16 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def unet_flops(model_path: Path, batch: int, resolution: int, device: str) -> float:
+def unet_flops(model_path: Path, batch: int, resolution: int, device: str, family: str = "sd") -> float:
     """FLOPs of one U-Net forward + backward with LoRA at this batch and resolution."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sd_lora.config import Attention, LoraSettings, ModelConfig
+    from sd_lora.config import Attention, LoraSettings, ModelConfig, ModelFamilyName
     from sd_lora.model import add_lora, load_components
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    model_cfg = ModelConfig(pretrained_model_name_or_path=str(model_path))
+    model_cfg = ModelConfig(pretrained_model_name_or_path=str(model_path), family=ModelFamilyName(family))
     comps = load_components(model_cfg, model_path, dtype=dtype)
     unet = comps.unet.to(device)
     add_lora(unet, Attention.sdp, LoraSettings(rank=4))
@@ -103,14 +117,60 @@ def unet_flops(model_path: Path, batch: int, resolution: int, device: str) -> fl
     latents = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (batch,), device=device)
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled embedding and the six size numbers
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+                 "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch,
+                                          device=device, dtype=dtype)}
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            out = unet(latents, t, text).sample
+            out = unet(latents, t, text, added_cond_kwargs=added).sample
         out.float().pow(2).mean().backward()
-    return float(counter.get_total_flops())
+    flops = float(counter.get_total_flops())
+    del unet, comps, out
+    return flops
 
 
-def reference_loop(model_path: Path, data: Path, args) -> dict:
+def script_row(script: Path, timer: Path, model_path: Path, data: Path, args, batch: int, out: Path) -> dict:
+    """diffusers' own script, unmodified, under the step timer beside it; its BENCH_RESULT keyed as report.json is
+    (seconds_per_step the mean, seconds_per_step_median the median), or {"error": ...}. Same model, data,
+    resolution, batch, fp16 (fp32 on the CPU) and loader workers as the trainer rows; LoRA rank 4 on
+    to_q/k/v/out.0 is both sides' default; no validation, no checkpoint within the run."""
+    import subprocess
+
+    run_dir = Path(args.work) / "runs" / f"script-b{batch}"
+    command = [sys.executable, str(timer), "script", str(args.skip), str(script),
+               "--pretrained_model_name_or_path", str(model_path), "--train_data_dir", str(data),
+               "--resolution", str(args.resolution), "--center_crop", "--random_flip",
+               "--train_batch_size", str(batch), "--max_train_steps", str(args.steps), "--learning_rate", "1e-4",
+               "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+               "--mixed_precision", "fp16" if args.device == "cuda" else "no",
+               "--dataloader_num_workers", str(args.workers), "--checkpointing_steps", "1000000", "--seed", "42",
+               "--output_dir", str(run_dir)]
+    env = {**os.environ, "BENCH_BS": str(batch), "PYTHONUNBUFFERED": "1"}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.run_timeout)
+        stdout, stderr, code = done.stdout, done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        stdout, stderr, code = str(exc.stdout or ""), str(exc.stderr or "") + f"\nstopped after {args.run_timeout} s", -9
+    (out / f"script-b{batch}.log").write_text(stdout[-20000:] + stderr[-20000:])
+    found = [line for line in stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    result = json.loads(found[-1][len("BENCH_RESULT "):]) if found else {}
+    if code != 0 or "s_per_step_median" not in result:
+        print(f"script (batch {batch}): failed (exit {code}):\n{stderr[-3000:]}", flush=True)
+        return {"error": stderr[-500:], **result}
+    peak = result.get("peak_alloc_GiB_during_training")
+    return {"seconds_per_step_median": result["s_per_step_median"], "seconds_per_step": result["s_per_step_mean"],
+            "peak_memory_bytes": peak * 2**30 if peak is not None else None,
+            "first_step_s": result.get("first_step_s"), "process_wall_s": time.perf_counter() - start,
+            "step_timer": result}
+
+
+def reference_loop(model_path: Path, data: Path, args, batch: int) -> dict:
     """diffusers' train_text_to_image_lora.py step, written out (LoRA, fp16 autocast, SDPA, foreach AdamW)."""
     import torch
     import torch.nn.functional as F
@@ -142,7 +202,7 @@ def reference_loop(model_path: Path, data: Path, args) -> dict:
     dataset_cfg = DatasetConfig(path=str(data), resolution=args.resolution, center_crop=True, random_flip=True)
     tokenize = functools.partial(family_of(model_cfg).tokenize, comps.tokenizers)
     loader = build_dataloader(CaptionedImages(load_table(dataset_cfg), dataset_cfg, tokenize),
-                              args.batch, args.workers, 0, pin_memory=args.device == "cuda")
+                              batch, args.workers, 0, pin_memory=args.device == "cuda")
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -185,20 +245,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/sd_lora_bench")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--tiny", action="store_true", help="the tiny demo model instead of SD 2.1 (smoke test)")
+    parser.add_argument("--model", default="sd21", choices=["sd21", "sdxl"],
+                        help="the architecture, built with random weights: SD 2.1 (768 px) or SDXL base 1.0 (1024 px)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny demo model of --model's layout (smoke test)")
+    parser.add_argument("--reference-script", type=Path, default=None,
+                        help="diffusers' train_text_to_image_lora.py (or _sdxl.py for --model sdxl), unmodified: the "
+                             "'script' row, timed by the step_timer.py beside it (or --step-timer)")
+    parser.add_argument("--step-timer", type=Path, default=None)
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", default="4", help="batch size, or several: 4,8,16 (each row runs at each)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--variants", default="reference,nocache,throughput,memory")
+    parser.add_argument("--variants", default=None,
+                        help="rows, in order (default: script,throughput,memory with --reference-script, else "
+                             "reference,nocache,throughput,memory); trainer variants: " + ",".join(VARIANTS))
     parser.add_argument("--precompile", nargs="?", const="all", default=None,
                         help="first run the trainer variants at once for 2 steps, filling Inductor's cache in parallel: "
                              "all of them, or those named (comma-separated; a variant whose graphs another one "
-                             "compiles needs no place here)")
+                             "compiles needs no place here), at every batch size")
+    parser.add_argument("--val-loss", action="store_true",
+                        help="hold out a tenth of the data; each trainer row's validation loss after its last step")
+    parser.add_argument("--run-timeout", type=float, default=None, help="stop a row (and its workers) after this many s")
     parser.add_argument("--out", default=None, help="folder for results.json and the runs' logs (default: --work)")
     args = parser.parse_args()
-    args.resolution = args.resolution or (64 if args.tiny else 768)
+    sdxl = args.model == "sdxl"
+    args.resolution = args.resolution or (64 if args.tiny else 1024 if sdxl else 768)
+    batches = [int(b) for b in str(args.batch).split(",")]
+    variants = (args.variants or ("script,throughput,memory" if args.reference_script
+                                  else "reference,nocache,throughput,memory")).split(",")
+    unknown = [v for v in variants if v not in (*VARIANTS, "script", "reference")]
+    if unknown:
+        parser.error(f"--variants {','.join(unknown)}: unknown; use script, reference or {', '.join(VARIANTS)}")
+    if "script" in variants and not args.reference_script:
+        parser.error("the script row needs --reference-script PATH (diffusers' unmodified train_text_to_image_lora.py)")
+    if sdxl and "reference" in variants:
+        parser.error("the bench's own reference loop is SD 2.1's: with --model sdxl use the script row")
+    timer = args.step_timer or (args.reference_script.parent / "step_timer.py" if args.reference_script else None)
+    if "script" in variants and not timer.is_file():
+        parser.error(f"no step timer at {timer}: give --step-timer PATH")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     args.out = Path(args.out or work)
@@ -207,7 +292,10 @@ def main() -> None:
     from sd_lora.demo import ensure_tiny_model, write_shapes
 
     t0 = time.perf_counter()
-    model_path = ensure_tiny_model(work / "models") if args.tiny else __import__("sd21").build_sd21(work / "sd21")
+    if args.tiny:
+        model_path = ensure_tiny_model(work / "models", "sdxl" if sdxl else "sd21")
+    else:
+        model_path = __import__("sdxl").build_sdxl(work / "sdxl") if sdxl else __import__("sd21").build_sd21(work / "sd21")
     data = work / f"shapes{args.resolution}"
     if not (data / "metadata.jsonl").is_file():
         write_shapes(data, size=args.resolution)
@@ -215,33 +303,51 @@ def main() -> None:
 
     import torch
 
-    facts = {**common.facts(args.device), "resolution": args.resolution, "batch": args.batch, "steps": args.steps,
-             "skip": args.skip}
+    family = "sdxl" if sdxl else "sd"
+    facts = {**common.facts(args.device), "model": args.model, "resolution": args.resolution, "batches": batches,
+             "steps": args.steps, "skip": args.skip}
     facts["matmul_tflops"] = matmul_tflops(args.device)
-    facts["unet_flops"] = unet_flops(model_path, args.batch, args.resolution, args.device)
+    # FLOPs grow with the batch: counted once at the smallest, scaled per row
+    facts["unet_flops_per_sample"] = unet_flops(model_path, min(batches), args.resolution, args.device,
+                                                family) / min(batches)
     torch.cuda.empty_cache() if args.device == "cuda" else None
     print(json.dumps(facts), flush=True)
 
-    base = common.base_overrides(args.device, model_path, data, args.resolution, args.workers, args.batch, args.work,
-                                 args.steps, args.skip)
     runs = Path(args.work) / "runs"
+    extra = ["dataset.validation_split=0.1", f"trainer.validation_loss_steps={args.steps}"] if args.val_loss else []
+
+    def overrides(name: str, batch: int) -> list[str]:
+        base = common.base_overrides(args.device, model_path, data, args.resolution, args.workers, batch, args.work,
+                                     args.steps, args.skip)
+        return [*(["model=sdxl"] if sdxl else []), *base, *extra, *VARIANTS[name]]
+
+    def row(name: str, batch: int) -> str:
+        return name if len(batches) == 1 else f"{name}@b{batch}"
+
     if args.precompile:
-        names = args.variants.split(",") if args.precompile == "all" else args.precompile.split(",")
-        common.precompile([(f"precompile-{n}", [*base, *VARIANTS[n]], runs / f"precompile-{n}", None)
-                           for n in names if n != "reference"], out=args.out)
+        names = variants if args.precompile == "all" else args.precompile.split(",")
+        common.precompile([(f"precompile-{row(n, b)}", overrides(n, b), runs / f"precompile-{row(n, b)}", None)
+                           for b in batches for n in names if n not in ("reference", "script")], out=args.out,
+                          timeout=args.run_timeout)
     results = {}
-    for name in args.variants.split(","):
-        t = time.perf_counter()
-        if name == "reference":
-            results[name] = reference_loop(model_path, data, args)
+    for batch in batches:
+        for name in variants:
+            t = time.perf_counter()
+            if name == "script":
+                result = script_row(args.reference_script, timer, model_path, data, args, batch, args.out)
+            elif name == "reference":
+                result = reference_loop(model_path, data, args, batch)
+            else:
+                result = common.run_trainer(row(name, batch), overrides(name, batch), runs / row(name, batch),
+                                            args.out, timeout=args.run_timeout)
+            results[row(name, batch)] = {**result, "batch": batch}
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-        else:
-            results[name] = common.run_trainer(name, [*base, *VARIANTS[name]], runs / name, args.out)
-        print(f"{name}: done in {time.perf_counter() - t:.0f} s: {json.dumps(results[name], default=str)[:400]}",
-              flush=True)
-        (args.out / "results.json").write_text(json.dumps({"facts": facts, "results": results}, indent=2, default=str))
-    print_table(facts, results, args.batch)
+            print(f"{row(name, batch)}: done in {time.perf_counter() - t:.0f} s: "
+                  f"{json.dumps(result, default=str)[:400]}", flush=True)
+            (args.out / "results.json").write_text(json.dumps({"facts": facts, "results": results}, indent=2,
+                                                              default=str))
+    print_table(facts, results)
 
 
 def step_times(r: dict) -> tuple[float | None, float | None]:
@@ -249,35 +355,43 @@ def step_times(r: dict) -> tuple[float | None, float | None]:
     return r.get("seconds_per_step_median"), r.get("seconds_per_step")
 
 
-def print_table(facts: dict, results: dict, batch: int) -> None:
-    ref, ref_mean = step_times(results.get("reference", {}))
+def print_table(facts: dict, results: dict) -> None:
+    baseline_name = "script" if any(r.get("step_timer") is not None or n.startswith("script")
+                                    for n, r in results.items()) else "reference"
+    baselines = {r["batch"]: step_times(r) for n, r in results.items()
+                 if n.split("@")[0] == baseline_name and "error" not in r}
     rows = []
     for name, r in results.items():
         s, mean = step_times(r)
+        batch = r["batch"]
         if "error" in r or not s:
-            rows.append(f"| {name} | failed | | | | | |")
+            rows.append(f"| {name} | failed | | | | | | |")
             continue
         peak = r.get("peak_memory_bytes")
-        mfu = facts["unet_flops"] / s / (facts["matmul_tflops"] * 1e12) if facts.get("matmul_tflops") else None
-        ratio = f"{ref / s:.2f}x / {ref_mean / mean:.2f}x" if ref else "-"
+        flops = facts["unet_flops_per_sample"] * batch
+        mfu = flops / s / (facts["matmul_tflops"] * 1e12) if facts.get("matmul_tflops") else None
+        ref, ref_mean = baselines.get(batch, (None, None))
+        ratio = f"{ref / s:.2f}x / {ref_mean / mean:.2f}x" if ref and ref_mean else "-"
         peak_text = f"{peak / 2**30:.2f} GiB" if peak else "-"
+        val = r.get("validation_loss")
         rows.append(f"| {name} | {s:.4f} / {mean:.4f} | {batch / s:.1f} / {batch / mean:.1f} | {peak_text} | "
-                    + (f"{mfu:.1%}" if mfu else "-") + f" | {ratio} | {r.get('first_step_s') or 0:.1f} |")
+                    + (f"{mfu:.1%}" if mfu else "-") + f" | {ratio} | {r.get('first_step_s') or 0:.1f} | "
+                    + (f"{val:.5f}" if isinstance(val, (int, float)) else "-") + " |")
     print(f"\n{facts.get('card', facts['device'])}, torch {facts['torch']}, diffusers {facts['diffusers']}, "
-          f"{facts['resolution']} px, batch {batch}, U-Net fwd+bwd {facts['unet_flops'] / 1e12:.2f} TFLOP/step, "
-          f"fp16 matmul {facts.get('matmul_tflops') or 0:.0f} TFLOP/s")
-    print("| variant | s/step (median / mean) | images/s (median / mean) | peak memory | MFU (median) "
-          "| vs reference (median / mean) | first step s |")
-    print("|---|---|---|---|---|---|---|")
+          f"transformers {facts['transformers']}, peft {facts['peft']}, accelerate {facts['accelerate']}; "
+          f"{facts['model']} architecture (random weights), {facts['resolution']} px, U-Net fwd+bwd "
+          f"{facts['unet_flops_per_sample'] / 1e12:.2f} TFLOP per sample, fp16 matmul "
+          f"{facts.get('matmul_tflops') or 0:.0f} TFLOP/s")
+    print(f"| row | s/step (median / mean) | images/s (median / mean) | peak memory | MFU (median) "
+          f"| vs {baseline_name} (median / mean) | first step s | validation loss |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    r = results.get("reference", {})
-    if r.get("step_only_median_s"):
-        step_only = r["step_only_median_s"]
-        print(f"\nThe reference's times run from one step's end to the next, as the trainer's do (its wait for "
-              f"the next batch included). Without that wait: {step_only:.4f} s/step median, "
-              f"{r['step_only_mean_s']:.4f} mean; the trainer's rows against it: " + ", ".join(
-                  f"{name} {step_only / step_times(x)[0]:.2f}x" for name, x in results.items()
-                  if name != "reference" and step_times(x)[0]))
+    for name, r in results.items():
+        if r.get("step_only_median_s"):
+            step_only = r["step_only_median_s"]
+            print(f"\n{name}: the reference loop's times run from one step's end to the next, as the trainer's "
+                  f"do (its wait for the next batch included). Without that wait: {step_only:.4f} s/step median, "
+                  f"{r['step_only_mean_s']:.4f} mean.")
 
 if __name__ == "__main__":
     main()
