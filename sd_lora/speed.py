@@ -44,13 +44,6 @@ def check_speed_switches(cfg: Config, backend: Backend) -> None:
     for key in ("compile", "compile_encoders"):
         if getattr(cfg.trainer, key) and not backend.capabilities().compile:
             raise UserError(f"trainer.{key}=true is not supported on device={backend.name}; set trainer.{key}=false")
-    if cfg.trainer.compile and cfg.model.lora.train_text_encoder:
-        # accelerate compiles every module it prepares, the text encoder too. On one H200 (torch 2.11.0+cu130,
-        # bench/train_speed.py --variants throughput_te, 2026-12-01) perf=throughput's CUDA graphs crashed at the
-        # first step (SIGSEGV) and torch.compile's default mode did not reach its end within 8 minutes.
-        raise UserError("trainer.compile=true with model.lora.train_text_encoder=true is not supported yet (the "
-                        "compiled text encoder crashed or stalled on CUDA); set trainer.compile=false (perf=memory "
-                        "and perf=throughput set it: add trainer.compile=false after them)")
     check_cuda_graphs(cfg.trainer, backend.name)
 
 

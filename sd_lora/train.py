@@ -153,10 +153,30 @@ def prepare_trained(cfg: Config, accelerator, family: ModelFamily, comps: Compon
                                 fused_by_default=backend.capabilities().fused_optimizer)
     lr_scheduler = build_lr_scheduler(cfg, optimizer, length.max_train_steps, accelerator.num_processes)
     trained = family.lora_modules(comps.unet, comps.text_encoders if comps.text_trained else ())
-    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
-    trained = dict(zip(trained, prepared))
-    register_checkpoint_hooks(accelerator, trained)
-    return trained, optimizer, lr_scheduler
+    (unet_key, unet), *text_encoders = trained.items()
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    prepared = {unet_key: unet}
+    with uncompiled(accelerator):  # trainer.compile is the U-Net's: a trained text encoder stays eager
+        for key, module in text_encoders:
+            prepared[key] = accelerator.prepare(module)
+    register_checkpoint_hooks(accelerator, prepared)
+    return prepared, optimizer, lr_scheduler
+
+
+@contextlib.contextmanager
+def uncompiled(accelerator):
+    """accelerate's prepare() without its torch.compile (which it applies to every module it prepares). A
+    compiled text encoder beside the compiled U-Net crashed at the first step under CUDA graphs on an H200
+    (SIGSEGV; torch 2.11.0+cu130, 2026-12-01) and stalled in the default mode; its forward and backward are
+    a small part of the step."""
+    from accelerate.utils import DynamoBackend
+
+    plugin = accelerator.state.dynamo_plugin
+    backend, plugin.backend = plugin.backend, DynamoBackend.NO
+    try:
+        yield
+    finally:
+        plugin.backend = backend
 
 
 def build_ema(cfg: Config, accelerator, lora_params: list[torch.nn.Parameter]):

@@ -3,6 +3,7 @@
 import gc
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,19 +221,35 @@ def test_cuda_graphs_with_gradient_accumulation_are_refused_on_cuda(mode):
         check_cuda_graphs(fine, "cuda")
 
 
-def test_compiling_a_trained_text_encoder_is_refused_before_any_work():
-    from sd_lora.config import Config, DatasetConfig, LoraSettings, ModelConfig
+def test_trainer_compile_compiles_the_u_net_and_leaves_a_trained_text_encoder_eager(tiny_model_path):
+    """accelerate compiles every module it prepares; a compiled text encoder beside the compiled U-Net crashed
+    under CUDA graphs on an H200, so prepare_trained compiles the U-Net alone (torch.compile is lazy: nothing
+    compiles here) and gives accelerate's switch back for whatever it prepares later."""
+    from accelerate.utils import DynamoBackend
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from sd_lora.config import Config, DatasetConfig, LoraSettings, ModelConfig, OptimizerConfig
     from sd_lora.devices import build_backend
-    from sd_lora.speed import check_speed_switches
+    from sd_lora.families import family_of
+    from sd_lora.model import add_lora, add_text_lora, load_components
+    from sd_lora.train import build_accelerator, prepare_trained
 
     lora = LoraSettings(train_text_encoder=True)
-    cfg = Config(model=ModelConfig(pretrained_model_name_or_path="m", lora=lora), dataset=DatasetConfig(path="d"),
-                 trainer=TrainerConfig(compile=True))
-    with pytest.raises(UserError, match=r"trainer.compile=true with model.lora.train_text_encoder=true.*"
-                                        r"set trainer.compile=false"):
-        check_speed_switches(cfg, build_backend("cpu"))
-    cfg.trainer.compile = False
-    check_speed_switches(cfg, build_backend("cpu"))
+    cfg = Config(model=ModelConfig(pretrained_model_name_or_path=str(tiny_model_path), lora=lora),
+                 dataset=DatasetConfig(path="d"), optimizer=OptimizerConfig(),
+                 trainer=TrainerConfig(compile=True, max_train_steps=2))
+    backend = build_backend("cpu")
+    accelerator = build_accelerator(cfg, backend, Path("unused"))
+    comps = load_components(cfg.model, tiny_model_path)
+    params = {"unet": add_lora(comps.unet, cfg.model.attention, lora),
+              "text_encoder": add_text_lora(comps.text_encoders, lora)}
+    comps.text_trained = True
+    length = type("Length", (), {"max_train_steps": 2})()
+    trained, _, _ = prepare_trained(cfg, accelerator, family_of(cfg.model), comps, params, length, backend)
+    assert list(trained) == ["unet", "text_encoder"]  # the order checkpoints were always saved in
+    assert isinstance(trained["unet"], OptimizedModule)
+    assert not isinstance(trained["text_encoder"], OptimizedModule)
+    assert accelerator.state.dynamo_plugin.backend == DynamoBackend.INDUCTOR
 
 
 def test_auto_compile_mode_records_cuda_graphs_only_where_they_were_measured_and_are_right():
