@@ -127,7 +127,9 @@ def to_fp8_base(unet: torch.nn.Module) -> int:
     on the device. Returns the number of layers converted; the names of their float8 tensors go to DDP's
     ignore list."""
     count, ignored = 0, []
-    for parent_name, parent in list(unet.named_modules()):
+    # the parents only: a list of every module would keep each replaced weight alive until the end
+    parents = [(n, m) for n, m in unet.named_modules() if any(convertible(c) for c in m.children())]
+    for parent_name, parent in parents:
         for name, child in list(parent.named_children()):
             if not convertible(child):
                 continue
