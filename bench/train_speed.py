@@ -75,6 +75,9 @@ VARIANTS = {
     # model.lora.train_text_encoder: the text encoder's LoRA trains too (its forward and backward every step)
     "throughput_te": ["perf=throughput", "model.lora.train_text_encoder=true"],
     "memory_te": ["perf=memory", "model.lora.train_text_encoder=true"],
+    # model.base_precision=fp8: the U-Net's frozen Linear weights and their matmuls in float8 (Ada/Hopper)
+    "throughput_fp8": ["perf=throughput", "model.base_precision=fp8"],
+    "memory_fp8": ["perf=memory", "model.base_precision=fp8"],
     # profiled: 5 steps after skip under torch.profiler; its operator table and busy-time summary go to --out.
     # Its step times hold the profiler's cost: read the speed from the unprofiled rows
     "throughput_profile": ["perf=throughput", "trainer.profile_steps=5"],

@@ -251,6 +251,7 @@ APPLIED_ON_RESUME = ("optimizer.lr", "optimizer.text_encoder_lr", "optimizer.sca
 REFUSED_ON_RESUME = {  # key -> why it cannot change inside a run
     "trainer.seed": "every random draw of the run (noise, timesteps, crops, the data order) derives from it",
     "precision.mixed_precision": "the checkpoint's optimizer and grad-scaler state belong to its precision",
+    "model.base_precision": "the checkpoint's LoRA was trained against the frozen weights in that precision",
     "optimizer.lr_scheduler": "the checkpoint's schedule is half run",
     "optimizer.lr_warmup_steps": "the checkpoint's schedule is half run",
     "optimizer.lr_warmup_fraction": "the checkpoint's schedule is half run",

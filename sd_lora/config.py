@@ -42,6 +42,12 @@ class SdpKernel(Enum):
     math = "math"
 
 
+class BasePrecision(Enum):
+    """The storage of the U-Net's frozen Linear weights (`model.base_precision`; null = the precision's dtype)."""
+
+    fp8 = "fp8"  # float8_e4m3fn with a per-tensor scale, forward and input-gradient matmuls in fp8 (sd_lora/fp8.py)
+
+
 class ModelFamilyName(Enum):
     """The model family (sd_lora/families/): what to load and how a caption conditions the U-Net."""
 
@@ -211,12 +217,16 @@ class ModelConfig:
     prediction_type: Optional[PredictionType] = None  # null = the scheduler config's
     attention: Attention = Attention.sdp  # U-Net attention backend, kept through LoRA injection
     sdp_kernel: SdpKernel = SdpKernel.auto  # attention=sdp: the kernel tried first (torch.nn.attention.sdpa_kernel)
+    base_precision: Optional[BasePrecision] = None  # fp8: the U-Net's frozen Linear weights in float8, their matmuls too (CUDA compute capability >= 8.9, or the CPU); null = in the precision's dtype
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self):
         _check(self.sdp_kernel is SdpKernel.auto or self.attention is Attention.sdp, "model.sdp_kernel",
                self.sdp_kernel.value, f"it picks a kernel of attention=sdp, but model.attention={self.attention.value}: "
                "set model.attention=sdp or model.sdp_kernel=auto")
+        _check(not (self.base_precision is BasePrecision.fp8 and self.lora.use_dora), "model.base_precision", "fp8",
+               "DoRA reads the frozen weight itself (its norm per output channel), which fp8 keeps scaled in float8: "
+               "set model.base_precision=null, or model.lora.use_dora=false")
 
 
 @dataclass

@@ -124,6 +124,10 @@ class Backend:
         """Peak bytes since the last reset (cpu: the process's peak resident set size)."""
         raise NotImplementedError
 
+    def fp8_matmul_missing(self) -> str | None:
+        """Why float8 matmuls (torch._scaled_mm, model.base_precision=fp8) cannot run here; None: they can."""
+        return f"float8 matmuls are not known to work on {self.name}"
+
     def device_name(self) -> str:
         return self.name
 
@@ -182,6 +186,9 @@ class CpuBackend(Backend):
     def accelerator_kwargs(self) -> dict:
         return {"cpu": True}
 
+    def fp8_matmul_missing(self) -> str | None:
+        return None  # torch's CPU _scaled_mm (per-tensor scales; slow, but the real arithmetic)
+
 
 class CudaBackend(Backend):
     name = "cuda"
@@ -218,6 +225,13 @@ class CudaBackend(Backend):
 
     def device_name(self) -> str:
         return torch.cuda.get_device_name()
+
+    def fp8_matmul_missing(self) -> str | None:
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) >= (8, 9):
+            return None
+        return (f"{self.device_name()} has compute capability {major}.{minor}, and float8 tensor cores start at 8.9 "
+                "(Ada: L4, L40, RTX 40xx; Hopper: H100, H200)")
 
     def enable_tf32(self) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -318,6 +332,9 @@ class GcuBackend(Backend):
 
     def device_name(self) -> str:
         return self.gcu.get_device_name()
+
+    def fp8_matmul_missing(self) -> str | None:
+        return "torch_gcu's float8 matmuls are not known (../shared/gcu.md lists no torch._scaled_mm)"
 
     def unavailable_message(self) -> str:
         return (

@@ -17,6 +17,7 @@ from sd_lora.config import Config, LoraFormat
 from sd_lora.data import load_tables
 from sd_lora.devices import Backend, build_backend
 from sd_lora.errors import UserError
+from sd_lora.fp8 import check_base_precision
 from sd_lora.hub import resolve_local
 from sd_lora.model import lora_file, resolve_model_path
 from sd_lora.optim import check_optimizer
@@ -99,6 +100,9 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
                                       "trainer.gradient_accumulation_steps")):
         with problems.check():
             check_speed_switches(cfg, backend)
+    if usable and not problems.skips(("model.base_precision",)):
+        with problems.check():  # float8 matmuls: CUDA compute capability 8.9 or later, or the CPU
+            check_base_precision(cfg, backend)
     if not problems.skips(("optimizer",)):
         with problems.check():  # a missing optional package, or adamw8bit off CUDA
             check_optimizer(cfg, backend.name if usable and not problems.skips(("device",)) else None)

@@ -131,6 +131,8 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
                      "gc_every_n_steps": cfg.trainer.gc_every_n_steps, "allow_tf32": cfg.trainer.allow_tf32,
                      "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
                      "profile_steps": cfg.trainer.profile_steps,
+                     "base_precision": cfg.model.base_precision and cfg.model.base_precision.value,
+                     "fp8_layers": applied.get("fp8_layers", 0),  # the U-Net's Linear layers in float8
                      # read from torch (None: nothing compiled under DDP): True = split at DDP's buckets
                      "compile_ddp_split": (torch._dynamo.config.optimize_ddp in (True, "ddp_optimizer")
                                            if cfg.trainer.compile and accelerator.num_processes > 1 else None)},

@@ -217,6 +217,12 @@ def build_models(cfg: Config, model_path: Path, accelerator, speed: SpeedPlan,
 
         init_lora_from(trained, lora, Path(lora.init_from))
         log.info("model.lora.init_from: the LoRA starts from %s", lora.init_from)
+    if cfg.model.base_precision is not None:  # after injection: the base layers inside the LoRA layers too
+        from sd_lora.fp8 import to_fp8_base
+
+        speed.applied["fp8_layers"] = to_fp8_base(comps.unet)
+        log.info("model.base_precision=fp8: %d frozen Linear layers of the U-Net in float8",
+                 speed.applied["fp8_layers"])
     set_module_switches(cfg, comps)
     return comps, lora_params
 
