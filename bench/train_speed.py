@@ -75,6 +75,9 @@ VARIANTS = {
     # model.lora.train_text_encoder: the text encoder's LoRA trains too (its forward and backward every step)
     "throughput_te": ["perf=throughput", "model.lora.train_text_encoder=true"],
     "memory_te": ["perf=memory", "model.lora.train_text_encoder=true"],
+    # model.lora.fused_matmul: each U-Net LoRA projection one matmul against W + s·B·A (sd_lora/fused_lora.py)
+    "throughput_fused": ["perf=throughput", "model.lora.fused_matmul=true"],
+    "memory_fused": ["perf=memory", "model.lora.fused_matmul=true"],
     # profiled: 5 steps after skip under torch.profiler; its operator table and busy-time summary go to --out.
     # Its step times hold the profiler's cost: read the speed from the unprofiled rows
     "throughput_profile": ["perf=throughput", "trainer.profile_steps=5"],

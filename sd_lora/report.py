@@ -131,6 +131,9 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
                      "gc_every_n_steps": cfg.trainer.gc_every_n_steps, "allow_tf32": cfg.trainer.allow_tf32,
                      "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
                      "profile_steps": cfg.trainer.profile_steps,
+                     # model.lora.fused_matmul, and the U-Net LoRA layers it fused of all of them (None: not counted)
+                     "fused_matmul": cfg.model.lora.fused_matmul, "fused_lora_layers": applied["fused_lora_layers"],
+                     "lora_layers": applied["lora_layers"],
                      # read from torch (None: nothing compiled under DDP): True = split at DDP's buckets
                      "compile_ddp_split": (torch._dynamo.config.optimize_ddp in (True, "ddp_optimizer")
                                            if cfg.trainer.compile and accelerator.num_processes > 1 else None)},

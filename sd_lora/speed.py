@@ -99,7 +99,8 @@ def plan_speed(cfg: Config, backend: Backend) -> SpeedPlan:
                  "torch.compile's default mode (CUDA graphs only on CUDA with dataset.cache=true and no gradient "
                  "accumulation)")
     return SpeedPlan(mode, {"compile_mode": mode if t.compile else None, "compile_encoders": False,
-                            "kernel_autotune": False}, compiled_graphs())
+                            "kernel_autotune": False, "fused_lora_layers": 0, "lora_layers": None},
+                     compiled_graphs())
 
 
 @contextlib.contextmanager

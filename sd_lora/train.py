@@ -187,6 +187,13 @@ def build_models(cfg: Config, model_path: Path, accelerator, speed: SpeedPlan,
     compile_encoders(cfg, comps, speed)
     family, lora = family_of(cfg.model), cfg.model.lora
     lora_params = {"unet": add_lora(comps.unet, cfg.model.attention, lora)}
+    if lora.fused_matmul:
+        from sd_lora.fused_lora import fuse_lora_layers
+
+        fused, total = fuse_lora_layers(comps.unet)
+        speed.applied.update(fused_lora_layers=fused, lora_layers=total)
+        log.info("model.lora.fused_matmul: fused %d of %d LoRA layers of the U-Net (the others keep peft's path)",
+                 fused, total)
     if lora.train_text_encoder:
         for prefix, text_encoder in zip(family.text_prefixes, comps.text_encoders):
             lora_params[prefix] = add_text_lora((text_encoder,), lora)
