@@ -184,7 +184,7 @@ def test_config_refuses_what_it_cannot_fuse(overrides, key):
         LoraSettings(fused_matmul=True, **overrides)
 
 
-def run_config(model: Path, fused: bool):
+def run_config(model: Path, fused: bool, **trainer):
     from sd_lora.config import (Config, DatasetConfig, DeviceConfig, DeviceType, LoraSettings, ModelConfig,
                                 OptimizerConfig, TrainerConfig)
 
@@ -195,7 +195,7 @@ def run_config(model: Path, fused: bool):
         optimizer=OptimizerConfig(lr=1e-2),
         device=DeviceConfig(type=DeviceType.cpu),
         trainer=TrainerConfig(train_batch_size=2, max_train_steps=3, checkpointing_steps=None, skip_steps=0,
-                              export_formats=[], report_to=[]),
+                              export_formats=[], report_to=[], **trainer),
     )
 
 
@@ -205,7 +205,8 @@ def runs(tmp_path_factory, tiny_model_path):
 
     root = tmp_path_factory.mktemp("fused")
     train(run_config(tiny_model_path, fused=False), root / "peft")
-    train(run_config(tiny_model_path, fused=True), root / "fused")
+    # with the module switches the fused layers must live with (they change no arithmetic on the CPU)
+    train(run_config(tiny_model_path, fused=True, gradient_checkpointing=True, channels_last=True), root / "fused")
     return root / "peft", root / "fused"
 
 
@@ -218,8 +219,9 @@ def test_a_fused_run_trains_peft_s_lora_into_the_same_file(runs, tiny_model_path
     moved = 0.0
     for key in peft:
         assert fused[key].shape == peft[key].shape, key
-        # each tensor to 1e-4 of its largest entry (seen: 2.3e-5, torch 2.13 CPU): the steps moved them by ~1e-2
-        assert (fused[key] - peft[key]).abs().max() <= 1e-4 * peft[key].abs().max(), key
+        # each tensor to 5e-4 of its largest entry (torch 2.13 CPU: 2.3e-5 alone, 1.2e-4 with channels_last, whose
+        # convolutions round otherwise); a wrong scale or gradient would be off by the steps, ~1e-2
+        assert (fused[key] - peft[key]).abs().max() <= 5e-4 * peft[key].abs().max(), key
         if key.endswith("up.weight"):  # B starts at zero: what the steps moved
             moved = max(moved, peft[key].abs().max().item())
     assert moved > 1e-3
