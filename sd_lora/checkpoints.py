@@ -247,7 +247,9 @@ def damage(path: Path) -> str | None:
 # it on purpose (and logs it) or refuses it naming the key; none is dropped silently.
 APPLIED_ON_RESUME = ("optimizer.lr", "optimizer.text_encoder_lr", "optimizer.scale_lr", "optimizer.betas", "optimizer.weight_decay",
                      "optimizer.eps", "optimizer.max_grad_norm", "trainer.snr_gamma", "trainer.noise_offset",
-                     "trainer.train_batch_size", "trainer.gradient_accumulation_steps")
+                     "trainer.train_batch_size", "trainer.gradient_accumulation_steps",
+                     # the same parameters and function computed another way (its rounding differs): logged if changed
+                     "model.lora.fused_matmul")
 REFUSED_ON_RESUME = {  # key -> why it cannot change inside a run
     "trainer.seed": "every random draw of the run (noise, timesteps, crops, the data order) derives from it",
     "precision.mixed_precision": "the checkpoint's optimizer and grad-scaler state belong to its precision",

@@ -133,6 +133,9 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
                      "profile_steps": cfg.trainer.profile_steps,
                      "base_precision": cfg.model.base_precision and cfg.model.base_precision.value,
                      "fp8_layers": applied.get("fp8_layers", 0),  # the U-Net's Linear layers in float8
+                     # model.lora.fused_matmul, and the U-Net LoRA layers it fused of all of them (None: not counted)
+                     "fused_matmul": cfg.model.lora.fused_matmul, "fused_lora_layers": applied["fused_lora_layers"],
+                     "lora_layers": applied["lora_layers"],
                      # read from torch (None: nothing compiled under DDP): True = split at DDP's buckets
                      "compile_ddp_split": (torch._dynamo.config.optimize_ddp in (True, "ddp_optimizer")
                                            if cfg.trainer.compile and accelerator.num_processes > 1 else None)},

@@ -92,7 +92,8 @@ def plan_speed(cfg: Config, backend: Backend) -> SpeedPlan:
                  "torch.compile's default mode (CUDA graphs only on CUDA with dataset.cache=true and no gradient "
                  "accumulation)")
     return SpeedPlan(mode, {"compile_mode": mode if t.compile else None, "compile_encoders": False,
-                            "kernel_autotune": False}, compiled_graphs())
+                            "kernel_autotune": False, "fused_lora_layers": 0, "lora_layers": None},
+                     compiled_graphs())
 
 
 @contextlib.contextmanager
@@ -150,3 +151,21 @@ def set_module_switches(cfg: Config, comps: Components) -> None:
     if cfg.trainer.channels_last:  # the VAE too: it encodes every step without the cache, and builds the cache
         for module in (comps.unet, comps.vae):
             module.to(memory_format=torch.channels_last)
+
+
+def set_unet_matmuls(cfg: Config, unet: torch.nn.Module, speed: SpeedPlan) -> None:
+    """The U-Net's matmul levers, after LoRA injection (they rewrite the injected layers): model.lora.fused_matmul
+    (each LoRA projection one matmul against W + s·B·A) or model.base_precision=fp8 (the frozen Linear weights
+    and their matmuls in float8; the base layers inside the LoRA layers too). The counts go to the report."""
+    if cfg.model.lora.fused_matmul:
+        from sd_lora.fused_lora import fuse_lora_layers
+
+        fused, total = fuse_lora_layers(unet)
+        speed.applied.update(fused_lora_layers=fused, lora_layers=total)
+        log.info("model.lora.fused_matmul: fused %d of %d LoRA layers of the U-Net (the others keep peft's path)",
+                 fused, total)
+    if cfg.model.base_precision is not None:
+        from sd_lora.fp8 import to_fp8_base
+
+        speed.applied["fp8_layers"] = to_fp8_base(unet)
+        log.info("model.base_precision=fp8: %d frozen Linear layers of the U-Net in float8", speed.applied["fp8_layers"])

@@ -49,6 +49,7 @@ from sd_lora.preflight import Checked, checks_before_work
 from sd_lora.report import build_report, config_dict, config_json, tensorboard_hparams, write_report
 from sd_lora.signals import Preempted, StopRequest
 from sd_lora.speed import (SpeedPlan, compile_encoders, plan_speed, process_switches_kept, set_module_switches,
+                           set_unet_matmuls,
                            set_process_switches)
 from sd_lora.timing import StepProfiler, Timer, scheduled_gc
 
@@ -124,7 +125,12 @@ def build_accelerator(cfg: Config, backend: Backend, run_dir: Path, compile_mode
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin
 
+    from accelerate.state import AcceleratorState
+
     backend.before_accelerate()  # GCU: torch_gcu.transfer_to_gcu, so that accelerate's CUDA path drives it
+    # accelerate keeps the first Accelerator's precision and compile switch for the whole process: a Hydra sweep
+    # runs its jobs in one process, so each job starts from a fresh state (the process group, PartialState, stays)
+    AcceleratorState._reset_state()
     kwargs = dict(backend.accelerator_kwargs())
     if cfg.model.lora.train_text_encoder and family_of(cfg.model).unused_text_layers:
         # a text encoder layer the conditioning does not read gets no gradient for its LoRA, which DDP without
@@ -217,12 +223,7 @@ def build_models(cfg: Config, model_path: Path, accelerator, speed: SpeedPlan,
 
         init_lora_from(trained, lora, Path(lora.init_from))
         log.info("model.lora.init_from: the LoRA starts from %s", lora.init_from)
-    if cfg.model.base_precision is not None:  # after injection: the base layers inside the LoRA layers too
-        from sd_lora.fp8 import to_fp8_base
-
-        speed.applied["fp8_layers"] = to_fp8_base(comps.unet)
-        log.info("model.base_precision=fp8: %d frozen Linear layers of the U-Net in float8",
-                 speed.applied["fp8_layers"])
+    set_unet_matmuls(cfg, comps.unet, speed)  # after injection and init_from: they rewrite the layers' matmuls
     set_module_switches(cfg, comps)
     return comps, lora_params
 

@@ -88,7 +88,9 @@ def test_report_has_every_field(run_dir):
                                   "channels_last": False,
                                   "kernel_autotune": False, "gc_every_n_steps": None, "allow_tf32": False,
                                   "gradient_checkpointing": False, "profile_steps": 0,
-                                  "base_precision": None, "fp8_layers": 0, "compile_ddp_split": None}
+                                  "base_precision": None, "fp8_layers": 0,
+                                  "fused_matmul": False, "fused_lora_layers": 0, "lora_layers": None,
+                                  "compile_ddp_split": None}
     assert math.isfinite(report["final_loss"]) and report["peak_memory_bytes"] > 0
 
 

@@ -252,6 +252,26 @@ def test_trainer_compile_compiles_the_u_net_and_leaves_a_trained_text_encoder_ea
     assert accelerator.state.dynamo_plugin.backend == DynamoBackend.INDUCTOR
 
 
+def test_each_run_in_one_process_gets_its_own_precision_and_compile_switch():
+    """A Hydra sweep runs its jobs in one process; accelerate would keep the first job's state (its compile
+    switch silently, its precision with an error)."""
+    from accelerate.utils import DynamoBackend
+
+    from sd_lora.config import Config, DatasetConfig, MixedPrecision, ModelConfig, PrecisionConfig
+    from sd_lora.devices import build_backend
+    from sd_lora.train import build_accelerator
+
+    def accelerator(compile: bool, precision: MixedPrecision):
+        cfg = Config(model=ModelConfig(pretrained_model_name_or_path="m"), dataset=DatasetConfig(path="d"),
+                     precision=PrecisionConfig(mixed_precision=precision), trainer=TrainerConfig(compile=compile))
+        return build_accelerator(cfg, build_backend("cpu"), Path("unused"))
+
+    first = accelerator(False, MixedPrecision.no)
+    assert first.state.dynamo_plugin.backend == DynamoBackend.NO
+    second = accelerator(True, MixedPrecision.bf16)
+    assert second.state.dynamo_plugin.backend == DynamoBackend.INDUCTOR and second.mixed_precision == "bf16"
+
+
 def test_auto_compile_mode_records_cuda_graphs_only_where_they_were_measured_and_are_right():
     """perf=throughput's compile_mode=auto: CUDA graphs on CUDA with one micro-batch per step and the cache;
     torch.compile's default mode without the cache (not measured), under accumulation (wrong gradients,
