@@ -71,8 +71,6 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
     if accelerator.is_main_process:
         scope.enter_context(RunLock(run_dir))  # one run per run directory, before anything is written there
     set_process_switches(cfg, checked.backend, accelerator, scope, speed)
-    compiled = scope.enter_context(compile_cache_scope(cfg.trainer.compile_cache, accelerator.is_main_process))
-    compiled.load()  # trainer.compile_cache: before anything compiles
     fingerprint = run_fingerprint(cfg, checked.model_path, checked.table, accelerator.num_processes)
     resume_path = check_resume(cfg, run_dir, fingerprint)  # a checkpoint that does not fit stops here, before the weights
     if resume_path is not None and finished_run(cfg, resume_path, fingerprint):
@@ -82,6 +80,8 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
 
         write_provenance(run_dir, config_dict(cfg), resume_path)
     seed_everything(cfg, checked.backend)
+    compiled = scope.enter_context(compile_cache_scope(cfg.trainer.compile_cache, accelerator.is_main_process))
+    compiled.load()  # trainer.compile_cache: before anything compiles
 
     family, dtype = family_of(cfg.model), weight_dtype_of(cfg.precision.mixed_precision)
     comps, lora_params = build_models(cfg, checked.model_path, accelerator, speed, dtype)
