@@ -51,6 +51,10 @@ def check_speed_switches(cfg: Config, backend: Backend) -> None:
         raise UserError("trainer.compile=true with model.lora.train_text_encoder=true is not supported yet (the "
                         "compiled text encoder crashed or stalled on CUDA); set trainer.compile=false (perf=memory "
                         "and perf=throughput set it: add trainer.compile=false after them)")
+    if cfg.trainer.compile_cache and not hasattr(torch.compiler, "save_cache_artifacts"):
+        raise UserError(f"trainer.compile_cache needs torch 2.7 or later (torch.compiler.save_cache_artifacts); this "
+                        f"is torch {torch.__version__}: upgrade torch, or set trainer.compile_cache=null (Inductor's "
+                        "own cache, TORCHINDUCTOR_CACHE_DIR, still keeps the compiled graphs on this machine)")
     check_cuda_graphs(cfg.trainer, backend.name)
 
 
