@@ -466,9 +466,10 @@ class TrainerConfig:
     kernel_autotune: bool = False  # time the convolution algorithms on the first step and keep the fastest (CUDA: cudnn.benchmark); needs fixed shapes (dataset.drop_last)
     gc_every_n_steps: Optional[int] = None  # Python's garbage collector off in the loop, one collection every N steps on every process alike (null: Python's automatic collection)
     channels_last: bool = False  # U-Net and VAE weights and activations in NHWC memory format (faster convolutions on GPUs)
-    compile: bool = False  # torch.compile the U-Net (through accelerate); its time shows in the report's first_step_s
+    compile: bool = False  # torch.compile the U-Net (through accelerate); its time is the report's compile_s (and is in first_step_s)
     compile_encoders: bool = False  # dataset.cache=false: also torch.compile the VAE encoder, which then runs every step
     compile_mode: Optional[str] = None  # torch.compile mode: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs, or auto (reduce-overhead on CUDA with dataset.cache and no gradient accumulation, else the default)
+    compile_cache: Optional[str] = None  # file of torch's portable compile-cache artifacts: loaded before the first step, written (main process) after it and at the end when this run compiled something new; a relative path is read from the directory the run was started in; needs trainer.compile or compile_encoders (null = Inductor's own on-disk cache only, TORCHINDUCTOR_CACHE_DIR)
     compile_ddp_split: bool = False  # several processes, compiled U-Net: split its graph at DDP's gradient buckets so the all-reduce overlaps the backward (torch's DDPOptimizer); off: one graph, and the LoRA's gradients (a few MB) all-reduced after the backward
     ema: bool = False  # keep an exponential moving average of the LoRA weights: validated and saved in their place (checkpoints keep both)
     ema_decay: float = 0.9999  # the EMA's decay; it ramps up as (1+n)/(10+n) to this (diffusers' EMAModel)
@@ -502,6 +503,11 @@ class TrainerConfig:
         _check(self.ema_start_step >= 0, "trainer.ema_start_step", self.ema_start_step, "use 0 or more")
         modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "auto")
         _check(self.compile_mode in modes, "trainer.compile_mode", self.compile_mode, f"use one of {list(modes)}")
+        _check(self.compile_cache is None or self.compile_cache.strip() != "", "trainer.compile_cache",
+               self.compile_cache, "give a file path, or null")
+        _check(self.compile_cache is None or self.compile or self.compile_encoders, "trainer.compile_cache",
+               self.compile_cache, "it holds compiled graphs and nothing is compiled: set trainer.compile=true "
+               "(or trainer.compile_encoders=true), or trainer.compile_cache=null")
 
 
 @dataclass

@@ -97,7 +97,7 @@ def checks_before_work(cfg: Config, swept: frozenset[str] = frozenset()) -> Chec
             backend.check("no" if problems.skips(("precision",)) else cfg.precision.mixed_precision.value)
             usable = True
     if usable and not problems.skips(("trainer.compile", "trainer.compile_encoders", "trainer.compile_mode",
-                                      "trainer.gradient_accumulation_steps")):
+                                      "trainer.compile_cache", "trainer.gradient_accumulation_steps")):
         with problems.check():
             check_speed_switches(cfg, backend)
     if usable and not problems.skips(("model.base_precision",)):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sd_lora.checkpoints import RunState
+from sd_lora.compile_cache import CompileCache
 from sd_lora.config import Config, Tracker, global_batch_size
 from sd_lora.devices import Backend
 from sd_lora.errors import UserError
@@ -82,13 +83,17 @@ def _dist_backend() -> str | None:
 
 
 def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, state: RunState, timer: Timer,
-                 max_train_steps: int, lora_file: Path | None, wall_time: float, speed: SpeedPlan) -> dict:
+                 max_train_steps: int, lora_file: Path | None, wall_time: float, speed: SpeedPlan,
+                 compiled: CompileCache | None = None) -> dict:
     """report.json: the Enflame tutorial's fields, what was measured, the switches as applied, how the run went."""
     applied, graphs = speed.applied, speed.graphs_compiled()
     seconds_per_step = timer.seconds_per_step()
     stats = timer.step_stats()
     global_batch = global_batch_size(cfg, accelerator.num_processes)
     peak = backend.max_memory_allocated()
+    compile_s = None if compiled is None else compiled.compile_s()
+    if compile_s is None and graphs[0] and timer.first_step_s is not None and stats["median"] is not None:
+        compile_s = max(timer.first_step_s - stats["median"], 0.0)  # a torch without compile_times()' timers
     return {
         # the fields of the Enflame tutorial's report
         "model": "sd_lora",
@@ -109,6 +114,9 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
         "samples_per_second_median": None if stats["median"] is None else global_batch / stats["median"],
         "timed_steps": timer.timed_steps,
         "first_step_s": timer.first_step_s,
+        "compile_s": compile_s,  # compiling during this run (torch's compile_times(), main process), later recompiles too
+        # trainer.compile_cache: path, loaded, saved; and the hits and misses of Inductor's and AOTAutograd's caches
+        "compile_cache": None if compiled is None else compiled.report(),
         "peak_memory_bytes": peak,
         "peak_memory_gib": peak / 2**30,
         "peak_memory_kind": "process peak RSS" if backend.name == "cpu" else f"{backend.name} max_memory_allocated",

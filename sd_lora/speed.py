@@ -44,6 +44,10 @@ def check_speed_switches(cfg: Config, backend: Backend) -> None:
     for key in ("compile", "compile_encoders"):
         if getattr(cfg.trainer, key) and not backend.capabilities().compile:
             raise UserError(f"trainer.{key}=true is not supported on device={backend.name}; set trainer.{key}=false")
+    if cfg.trainer.compile_cache and not hasattr(torch.compiler, "save_cache_artifacts"):
+        raise UserError(f"trainer.compile_cache needs torch 2.7 or later (torch.compiler.save_cache_artifacts); this "
+                        f"is torch {torch.__version__}: upgrade torch, or set trainer.compile_cache=null (Inductor's "
+                        "own cache, TORCHINDUCTOR_CACHE_DIR, still keeps the compiled graphs on this machine)")
     check_cuda_graphs(cfg.trainer, backend.name)
 
 

@@ -3,6 +3,7 @@
 Each piece lives in its own room and is only called from here:
     preflight.py   everything a user can get wrong, before any weights load
     speed.py       compile mode, CUDA-graph rules, kernel flags, channels_last
+    compile_cache.py   the compile time, and trainer.compile_cache (compiled graphs a fresh node starts from)
     families/      what differs between model families (components, conditioning, pipeline, LoRA prefixes)
     model.py       the model folder, the LoRA U-Net and its attention backend, the LoRA file
     data.py, cache.py   the training rows, their transforms, the embedding cache
@@ -32,6 +33,7 @@ import torch
 
 from sd_lora.checkpoints import (RunState, check_resume, checkpoint_dir, finished_run, outputs_written,
                                   register_checkpoint_hooks, resume, run_fingerprint, save_checkpoint)
+from sd_lora.compile_cache import CompileCache, compile_cache_scope
 from sd_lora.config import Config
 from sd_lora.data import CaptionedImages, build_dataloader, collate, epoch_order, long_captions
 from sd_lora.devices import Backend
@@ -79,6 +81,8 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
 
         write_provenance(run_dir, config_dict(cfg), resume_path)
     seed_everything(cfg, checked.backend)
+    compiled = scope.enter_context(compile_cache_scope(cfg.trainer.compile_cache, accelerator.is_main_process))
+    compiled.load()  # trainer.compile_cache: before anything compiles
 
     family, dtype = family_of(cfg.model), weight_dtype_of(cfg.precision.mixed_precision)
     comps, lora_params = build_models(cfg, checked.model_path, accelerator, speed, dtype)
@@ -117,8 +121,8 @@ def _train(cfg: Config, run_dir: Path, scope: contextlib.ExitStack, stop: StopRe
         evaluate, render = ema.under_ema(evaluate), ema.under_ema(render)
     tr = Training(cfg, accelerator, models, all_params, optimizer, lr_scheduler, dataloader, shuffle, state,
                   Timer(cfg.trainer.skip_steps, checked.backend), length, run_dir, evaluate, render, stop=stop, ema=ema)
-    run_timed(tr, checked.backend)
-    return finish(tr, checked, family, speed, t0)
+    run_timed(tr, checked.backend, compiled)
+    return finish(tr, checked, family, speed, compiled, t0)
 
 
 def build_accelerator(cfg: Config, backend: Backend, run_dir: Path, compile_mode: str | None = None):
@@ -265,14 +269,15 @@ def build_data(cfg: Config, accelerator, family: ModelFamily, comps: Components,
     return dataset, dataloader
 
 
-def run_timed(tr: Training, backend: Backend) -> None:
-    """The loop under the step timer, the profiler and scheduled garbage collection."""
+def run_timed(tr: Training, backend: Backend, compiled: CompileCache) -> None:
+    """The loop under the step timer, the profiler and scheduled garbage collection; after the first step, the
+    compile time logged and trainer.compile_cache written."""
     t = tr.cfg.trainer
     backend.reset_peak_memory()
     profiler = StepProfiler(t.profile_steps, t.skip_steps, backend, tr.run_dir, tr.accelerator.process_index)
     try:
         with scheduled_gc(t.gc_every_n_steps) as gc_step:
-            tr.after_step = lambda step: (gc_step(step), profiler.step())
+            tr.after_step = lambda step: (compiled.after_step(), gc_step(step), profiler.step())
             run_loop(tr)
     finally:
         profiler.stop()
@@ -302,7 +307,8 @@ def export_lora(tr: Training, unet, lora_file: Path, num_images: int) -> None:
         log.info("LoRA for ComfyUI / AUTOMATIC1111 (kohya layout): %s", path)
 
 
-def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan, t0: float) -> dict | None:
+def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan, compiled: CompileCache,
+           t0: float) -> dict | None:
     """The last validation loss, the final checkpoint, the LoRA file and the report; after a pre-emption signal
     only the checkpoint and the report so far (no LoRA file: the run is not done), then `Preempted`."""
     accelerator, state, run_dir = tr.accelerator, tr.state, tr.run_dir
@@ -311,9 +317,10 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
         accelerator.end_training()
         return leave_finished_run(run_dir, Path(state.resumed_from), accelerator.is_main_process)
     if state.stopped_by:
-        return stop_preempted(tr, checked, speed, t0)
+        return stop_preempted(tr, checked, speed, compiled, t0)
     if tr.evaluate is not None and state.validation_loss_step != state.global_step:
         tr.evaluate(tr.models.unet, state)
+    compiled.save()  # graphs compiled since the first step (validation, a recompile), if any
     final = save_checkpoint(accelerator, tr.cfg, run_dir, state)  # LoRA-only and small: lets a run be extended
     if state.skipped_image_rows and accelerator.is_main_process:
         log.warning("dataset.on_bad_image=skip: %d image(s) could not be decoded and were skipped (data set rows %s)",
@@ -329,7 +336,7 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
                                       metadata={"sd_lora_config": config_json(tr.cfg)})
             export_lora(tr, base, lora_file, len(checked.table))
             report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
-                                  tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed)
+                                  tr.length.max_train_steps, lora_file, time.perf_counter() - t0, speed, compiled)
             if hasattr(tr.shuffle, "counts"):  # dataset.buckets: the samples in each bucket
                 report["buckets"] = tr.shuffle.counts
             log.info("done: LoRA %s, report %s", lora_file, write_report(run_dir, report))
@@ -337,15 +344,16 @@ def finish(tr: Training, checked: Checked, family: ModelFamily, speed: SpeedPlan
     return report
 
 
-def stop_preempted(tr: Training, checked: Checked, speed: SpeedPlan, t0: float):
+def stop_preempted(tr: Training, checked: Checked, speed: SpeedPlan, compiled: CompileCache, t0: float):
     """A pre-emption signal: the checkpoint of this step (unless the loop just saved it), the report so far."""
     accelerator, state = tr.accelerator, tr.state
     checkpoint = checkpoint_dir(tr.run_dir) / f"checkpoint-{state.global_step}"
     if state.saved_step != state.global_step:
         checkpoint = save_checkpoint(accelerator, tr.cfg, tr.run_dir, state)
+    compiled.save()
     if accelerator.is_main_process:
         report = build_report(tr.cfg, accelerator, checked.backend, checked.model_path, state, tr.timer,
-                              tr.length.max_train_steps, None, time.perf_counter() - t0, speed)
+                              tr.length.max_train_steps, None, time.perf_counter() - t0, speed, compiled)
         write_report(tr.run_dir, report)
     accelerator.end_training()
     raise Preempted(state.stopped_by, state.global_step, checkpoint)

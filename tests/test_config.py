@@ -333,6 +333,21 @@ def test_sdp_kernel_needs_sdp_attention():
     assert to_config(compose("model.attention=eager")).model.sdp_kernel.value == "auto"
 
 
+def test_compile_cache_needs_something_compiled():
+    """trainer.compile_cache holds compiled graphs: without trainer.compile (or compile_encoders) it is refused,
+    naming both fixes, rather than ignored."""
+    with pytest.raises(UserError) as info:
+        to_config(compose("trainer.compile_cache=cc.bin"))
+    message = str(info.value)
+    assert message.startswith("trainer.compile_cache='cc.bin'") and "trainer.compile=true" in message
+    assert "trainer.compile_cache=null" in message
+    for ok in ("trainer.compile=true", "trainer.compile_encoders=true"):
+        assert to_config(compose("trainer.compile_cache=cc.bin", ok)).trainer.compile_cache == "cc.bin"
+    assert to_config(compose("perf=throughput", "trainer.compile_cache=/shared/cc.bin")).trainer.compile
+    with pytest.raises(UserError, match="give a file path"):
+        to_config(compose("trainer.compile=true", "trainer.compile_cache=''"))
+
+
 @pytest.mark.parametrize(
     "override,key,expected",
     [
