@@ -279,9 +279,15 @@ def result_settings(cfg: Config) -> dict:
     return {key: value(key) for key in (*APPLIED_ON_RESUME, *REFUSED_ON_RESUME)}
 
 
+# Settings added after checkpoints recorded settings: a checkpoint without one was trained with this value
+BEFORE_THE_KEY = {"model.base_precision": None, "model.lora.fused_matmul": False}
+
+
 def changed_settings(cfg: Config, meta: dict) -> dict:
     """key -> (value in the checkpoint, value now), for the result settings that differ."""
     saved, now = meta.get("settings", {}), result_settings(cfg)
+    if saved:
+        saved = {**BEFORE_THE_KEY, **saved}
     return {key: (saved[key], now[key]) for key in now if key in saved and saved[key] != now[key]}
 
 

@@ -82,20 +82,25 @@ class FusedLoraLinear(torch.autograd.Function):
             grad_x = torch.matmul(grad_y, merged).to(ctx.x_dtype)
         gy = grad_y.reshape(-1, grad_y.shape[-1])  # M x out
         x2 = xc.reshape(-1, xc.shape[-1])  # M x in
+        # the scale goes on the small M x r products before the large fp16 reductions, as in peft's path (where
+        # it scales the LoRA's output): a scale < 1 then cannot overflow fp16 earlier than peft would
         if need_a:
-            g = gy @ b  # M x r
-            grad_a = (g.t() @ x2).to(ctx.a_dtype) * ctx.scaling  # r x in
+            g = (gy @ b) * ctx.scaling  # M x r
+            grad_a = (g.t() @ x2).to(ctx.a_dtype)  # r x in
         if need_b:
-            h = x2 @ a.t()  # M x r, recomputed from x (see the module docstring)
-            grad_b = (gy.t() @ h).to(ctx.b_dtype) * ctx.scaling  # out x r
+            h = (x2 @ a.t()) * ctx.scaling  # M x r, recomputed from x (see the module docstring)
+            grad_b = (gy.t() @ h).to(ctx.b_dtype)  # out x r
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A qualifying peft LoRA Linear's forward (installed as `layer.forward`); peft's own where the layer's state
-    has moved since (adapters off, merged or another adapter active, adapter_names per sample)."""
+    has moved since (adapters off, merged or another adapter active, adapter_names per sample), and where no
+    gradient is recorded: the validation loss and images then see the LoRA exactly as its file applies it (the
+    merged weight rounds the LoRA's part to the frozen weight's precision), and training loses nothing."""
     name = getattr(layer, FUSED_ADAPTER)
-    if args or kwargs or layer.disable_adapters or layer.merged or layer.active_adapters != [name]:
+    if (args or kwargs or not torch.is_grad_enabled() or layer.disable_adapters or layer.merged
+            or layer.active_adapters != [name]):
         return type(layer).forward(layer, x, *args, **kwargs)
     base = layer.base_layer
     device = x.device.type

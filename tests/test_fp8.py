@@ -207,6 +207,18 @@ def test_resume_with_another_base_precision_is_refused(fp8_runs, tiny_model_path
     assert check_resume(cfg, trained, fingerprint) == list_checkpoints(trained)[-1]
 
 
+def test_a_checkpoint_from_before_the_key_counts_as_trained_without_fp8(tiny_model_path):
+    """Checkpoints written before model.base_precision existed hold no value for it: they were trained without
+    fp8, and a resume with fp8 is a change (refused), not an unknown."""
+    from sd_lora.checkpoints import changed_settings, result_settings
+
+    cfg = run_config(tiny_model_path, "unused", True)
+    older = {k: v for k, v in result_settings(cfg).items() if k not in ("model.base_precision", "model.lora.fused_matmul")}
+    assert changed_settings(cfg, {"settings": older}) == {"model.base_precision": (None, "fp8")}
+    cfg.model.base_precision = None
+    assert changed_settings(cfg, {"settings": older}) == {}
+
+
 def test_fp8_is_refused_on_cuda_before_ada_and_on_gcu(monkeypatch, fake_gcu, tiny_model_path):
     from sd_lora.devices import CudaBackend, GcuBackend
     from sd_lora.fp8 import check_base_precision

@@ -107,6 +107,18 @@ def test_a_fused_layer_falls_back_to_peft_when_its_adapter_is_off_or_merged():
         torch.testing.assert_close(layer(x), base + 2 * (with_lora - base), rtol=1e-5, atol=1e-5)
 
 
+def test_without_gradients_the_layer_is_peft_s_exactly():
+    """The validation loss and images run under no_grad: they see the LoRA as its file applies it (peft's path),
+    not through the merged weight, which rounds the LoRA's part to the frozen weight's precision in fp16/bf16."""
+    block = lora_block(dtype=torch.bfloat16)
+    fuse_lora_layers(block)
+    layer, x = block.proj, torch.randn(3, 24, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "FusedLoraLinear" in type(layer(x).grad_fn).__name__  # training: the fused path
+        with torch.no_grad():
+            assert torch.equal(layer(x), PeftLinear.forward(layer, x))
+
+
 def test_a_copy_of_a_fused_module_is_fused_onto_its_own_layer():
     block = lora_block()
     fuse_lora_layers(block)
