@@ -99,3 +99,32 @@ def run_launch(*overrides: str, cwd: Path = ROOT, env: dict | None = None, modul
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(cmd + list(overrides), cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# what the multi-process runs of tests/test_distributed.py share
+DDP_COMMON = [
+    "device=cpu", "trainer.max_train_steps=3", "trainer.validation_prompts=[]", "trainer.checkpointing_steps=null",
+    "dataset.random_flip=false", "dataset.center_crop=true", "optimizer.lr=1e-2", "trainer.seed=3",
+]
+# the C++ kernels built at -O0 (Inductor's debug build): the same graphs and caches as at -O3, built in less time
+# on a 2-core machine
+FAST_BUILD = {"TORCHINDUCTOR_DEBUG_COMPILE": "1"}
+COMPILED_DDP = [*DDP_COMMON, "device.num_processes=2", "trainer.train_batch_size=2", "trainer.compile=true",
+                "trainer.compile_mode=reduce-overhead", "dataset.drop_last=true", "trainer.compile_cache=cc/unet.bin"]
+
+
+@pytest.fixture(scope="session")
+def compiled_ddp_run(tmp_path_factory, tiny_model_path):
+    """One cold compiled run of two processes (the slowest thing the suite does, so two test modules share it):
+    tests/test_distributed.py checks its gradients, tests/test_compile_cache.py the compile-cache file it finds
+    damaged at its relative trainer.compile_cache path and rewrites. Its own, empty TORCHINDUCTOR_CACHE_DIR.
+    Returns (root, output); the run is root/first."""
+    root = tmp_path_factory.mktemp("compiled_ddp")
+    (root / "cc").mkdir()
+    (root / "cc" / "unet.bin").write_bytes(b"half a file")
+    # Inductor compiles the tiny U-Net's C++ kernels in both ranks at once: a few minutes on a loaded 2-core
+    # machine, hence the long timeout
+    result = run_launch(*COMPILED_DDP, f"hydra.run.dir={root / 'first'}", cwd=root,
+                        env={**FAST_BUILD, "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor-first")}, timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root, result.stdout + result.stderr

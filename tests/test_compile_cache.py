@@ -1,7 +1,8 @@
 """trainer.compile_cache: torch's portable compile-cache artifacts in one file that a fresh node starts from, and
-the compile time in the report. Two real compiled runs of the tiny model on the CPU, each in its own process with
-its own, empty TORCHINDUCTOR_CACHE_DIR: the second finds its graphs only through the file the first wrote, so
-its cache hits are the file's doing (no timing is asserted: the counters say it)."""
+the compile time in the report. Two real compiled runs of the tiny model on the CPU (two processes each, the
+first one shared with tests/test_distributed.py: conftest.compiled_ddp_run), each with its own, empty
+TORCHINDUCTOR_CACHE_DIR: the second finds its graphs only through the file the first wrote, so its cache hits
+are the file's doing (no timing is asserted: the counters say it)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,9 @@ import logging
 
 import pytest
 import torch
-from conftest import run_launch
+from conftest import COMPILED_DDP, FAST_BUILD, run_launch
 
 from sd_lora.compile_cache import CompileCache, read_cache_file, write_cache_file
-
-# the C++ kernels built at -O0 (Inductor's debug build): the same graphs and caches as at -O3, built in less time
-# on a 2-core machine (both runs alike, so the second finds the first's entries)
-FAST_BUILD = {"TORCHINDUCTOR_DEBUG_COMPILE": "1"}
-RUN = ["device=cpu", "trainer.max_train_steps=2", "trainer.skip_steps=0", "trainer.checkpointing_steps=null",
-       "trainer.validation_prompts=[]", "trainer.compile=true", "trainer.compile_cache=cc/unet.bin"]
 
 
 def test_a_damaged_or_foreign_file_is_one_warning_and_no_load(tmp_path, caplog):
@@ -51,25 +46,13 @@ def test_a_damaged_or_foreign_file_is_one_warning_and_no_load(tmp_path, caplog):
         assert not cache.loaded and cache.report()["loaded"] is False
 
 
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory, tiny_model_path):
-    """A cold compiled run that finds a damaged cache file at its (relative) trainer.compile_cache path."""
-    root = tmp_path_factory.mktemp("compile_cache")
-    (root / "cc").mkdir()
-    (root / "cc" / "unet.bin").write_bytes(b"half a file")
-    result = run_launch(*RUN, f"hydra.run.dir={root / 'first'}", cwd=root,
-                        env={**FAST_BUILD, "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor-first")}, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return root, result.stdout + result.stderr
-
-
-def test_a_damaged_file_warns_and_the_run_trains_and_rewrites_it(first_run):
-    root, output = first_run
+def test_a_damaged_file_warns_and_the_run_trains_and_rewrites_it(compiled_ddp_run):
+    root, output = compiled_ddp_run
     path = root / "cc" / "unet.bin"  # the relative path, read from the directory the run started in
     assert f"trainer.compile_cache: {path} is not a compile cache" in output
     assert "the graphs will be compiled and the file rewritten" in output
     report = json.loads((root / "first" / "report.json").read_text())
-    assert report["global_step"] == 2
+    assert report["global_step"] == 3
     cache = report["compile_cache"]
     assert cache["path"] == str(path) and cache["loaded"] is False and cache["saved"] is True
     assert cache["inductor_misses"] > 0 and cache["inductor_hits"] == 0  # compiled cold
@@ -78,15 +61,16 @@ def test_a_damaged_file_warns_and_the_run_trains_and_rewrites_it(first_run):
     assert read_cache_file(path)[0]  # rewritten whole, from this torch
 
 
-def test_a_fresh_node_starts_from_the_file(first_run):
-    """A second process with an empty Inductor cache of its own: the graphs come from the file."""
-    root, _ = first_run
+def test_a_fresh_node_starts_from_the_file(compiled_ddp_run):
+    """The same two-process run again, with an empty Inductor cache of its own: the graphs come from the file
+    (every rank loads it; the main process wrote it)."""
+    root, _ = compiled_ddp_run
     path = root / "cc" / "unet.bin"
     written = path.read_bytes()
     inductor = root / "inductor-second"
     assert not inductor.exists()
-    result = run_launch(*RUN, f"hydra.run.dir={root / 'second'}", cwd=root,
-                        env={**FAST_BUILD, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}, timeout=900)
+    result = run_launch(*COMPILED_DDP, f"hydra.run.dir={root / 'second'}", cwd=root,
+                        env={**FAST_BUILD, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}, timeout=1200)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert f"trainer.compile_cache: loaded {path}" in output and "(cache: hit" in output

@@ -7,15 +7,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_launch
+from conftest import DDP_COMMON, ROOT, run_launch
 from safetensors.torch import load_file
 
 from sd_lora.distributed import strip_local_rank_argument
 
-COMMON = [
-    "device=cpu", "trainer.max_train_steps=3", "trainer.validation_prompts=[]", "trainer.checkpointing_steps=null",
-    "dataset.random_flip=false", "dataset.center_crop=true", "optimizer.lr=1e-2", "trainer.seed=3",
-]
+COMMON = DDP_COMMON
 
 
 def lora(run_dir):
@@ -44,20 +41,16 @@ def test_two_processes_average_gradients_like_one_process_with_twice_the_batch(r
     assert moved > 0  # the weights trained, so equality is not two untouched initialisations
 
 
-def test_compiled_u_net_under_ddp_still_averages_gradients(runs, tmp_path):
+def test_compiled_u_net_under_ddp_still_averages_gradients(runs, compiled_ddp_run):
     """trainer.compile under DDP compiles the U-Net as one graph (trainer.compile_ddp_split=false, which torch's
     DDPOptimizer would otherwise split): DDP's hooks must still all-reduce the gradients after the compiled
     backward. Without the all-reduce each rank would train on its own 2 samples and the LoRA would not match
     the 1-process run with batch 4. reduce-overhead on the CPU, where there are no CUDA graphs, also shows
-    that the report counts graphs run without the CUDA graphs their mode asked for."""
-    run_dir = tmp_path / "two-compiled"
-    # Inductor compiles the tiny U-Net's C++ kernels in both ranks at once: ~80-150 s on a 2-core machine, far more
-    # when the machine is shared, hence the long timeout
-    result = run_launch(*COMMON, "device.num_processes=2", "trainer.train_batch_size=2", "trainer.compile=true",
-                        "trainer.compile_mode=reduce-overhead", "dataset.drop_last=true", f"hydra.run.dir={run_dir}",
-                        timeout=1200)
-    assert result.returncode == 0, result.stdout + result.stderr
+    that the report counts graphs run without the CUDA graphs their mode asked for. (The run is
+    conftest.compiled_ddp_run: tests/test_compile_cache.py reads its compile-cache file.)"""
+    run_dir = compiled_ddp_run[0] / "first"
     report = json.loads((run_dir / "report.json").read_text())
+    assert report["world_size"] == 2
     assert report["compiled_graphs"] > 0 and report["cudagraph_skips"] > 0
     assert report["switches"]["compile_ddp_split"] is False  # as torch's dynamo config held it in the run
     two, one = lora(run_dir), lora(runs / "one")
