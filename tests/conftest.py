@@ -92,6 +92,27 @@ def write_noise_folder(root: Path, rows: list[tuple[tuple[int, int], str]], brok
     return root
 
 
+def tiny_pipeline(model_path):
+    """The diffusers pipeline of a tiny model folder, as a user loads it (no safety checker, offline)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def renderer(pipe, prompt: str = "a red circle", steps: int = 2):
+    """A function rendering `prompt` at 64 px with a fixed seed through `pipe` as it is at each call."""
+    import torch
+
+    def image():
+        return pipe(prompt, num_inference_steps=steps, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    return image
+
+
 def run_launch(*overrides: str, cwd: Path = ROOT, env: dict | None = None, module: str | None = None,
                timeout: int = 900) -> subprocess.CompletedProcess:
     """Run `python launch.py OVERRIDES` (or `python -m MODULE`) as a user would; capture its output."""

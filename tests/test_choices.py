@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import noise_image
+from conftest import noise_image, renderer, tiny_pipeline
 from safetensors.torch import load_file
 
 from sd_lora.config import (Config, DatasetConfig, DeviceConfig, DeviceType, LoraSettings, LrScheduler, ModelConfig,
@@ -98,16 +98,10 @@ def test_no_tracker_still_writes_samples_and_the_report_counts_the_buckets(runs)
 
 
 def test_the_sd15_lora_loads_into_diffusers_and_changes_the_image(runs, tiny_sd15_model_path):
-    from diffusers import StableDiffusionPipeline
 
     whole, _ = runs
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_model_path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("a red circle", num_inference_steps=2, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    pipe = tiny_pipeline(tiny_sd15_model_path)
+    image = renderer(pipe, "a red circle", 2)
 
     base = image()
     pipe.load_lora_weights(str(whole / "lora"), weight_name="pytorch_lora_weights.safetensors")
@@ -121,7 +115,6 @@ def test_a_cached_bucketed_run_with_lion_and_pissa_trains_and_saves_a_plain_lora
     cached embedding), Lion on a polynomial schedule, a PiSSA start on the SD 2.1-layout tiny model. Its file is a
     plain LoRA of twice the rank that diffusers loads onto the unchanged base."""
     pytest.importorskip("lion_pytorch")
-    from diffusers import StableDiffusionPipeline
 
     from sd_lora.config import LoraInit
     from sd_lora.train import train
@@ -141,7 +134,6 @@ def test_a_cached_bucketed_run_with_lion_and_pissa_trains_and_saves_a_plain_lora
     report = train(cfg, tmp_path / "run")
     assert report["global_step"] == 3 and report["buckets"] == {"64x64": 3, "96x32": 3} and report["cache"]
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    pipe = tiny_pipeline(tiny_model_path)
     pipe.load_lora_weights(str(tmp_path / "run" / "lora"), weight_name="pytorch_lora_weights.safetensors")
     assert pipe.unet.peft_config["default_0"].r == 4  # PiSSA's rank 2, saved as a plain LoRA of rank 4

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_launch
+from conftest import renderer, run_launch, tiny_pipeline
 
 REPORT_FIELDS = {
     # the Enflame tutorial's report
@@ -148,16 +148,10 @@ def test_speed_switches_do_not_change_what_is_trained(run_dir, tmp_path):
 
 
 def test_saved_lora_loads_into_diffusers_and_changes_the_image(run_dir, tiny_model_path):
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("a red circle on a blue background", num_inference_steps=3, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    pipe = tiny_pipeline(tiny_model_path)
+    image = renderer(pipe, "a red circle on a blue background", 3)
 
     base = image()
     pipe.load_lora_weights(str(run_dir / "lora"), weight_name="pytorch_lora_weights.safetensors")
@@ -200,7 +194,6 @@ def test_the_kohya_file_holds_every_module_with_its_real_alpha_and_loads_like_th
                                                                                                 tiny_model_path):
     """What ComfyUI / AUTOMATIC1111 read: lora_unet_<module>.{lora_down.weight,lora_up.weight,alpha}, alpha 8 (not
     the rank, 4); diffusers' own kohya reader loads it to the same U-Net as the diffusers file."""
-    from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
     kohya = run_dir / "lora" / "quick.safetensors"  # named after the run directory
@@ -215,8 +208,7 @@ def test_the_kohya_file_holds_every_module_with_its_real_alpha_and_loads_like_th
     assert meta["ss_resolution"] == "(64, 64)" and meta["ss_output_name"] == "quick"
 
     def loaded(folder, name):
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False, local_files_only=True)
+        pipe = tiny_pipeline(tiny_model_path)
         base = unet_output(pipe.unet), text_output(pipe.text_encoder)
         pipe.load_lora_weights(str(folder), weight_name=name)
         return base, (unet_output(pipe.unet), text_output(pipe.text_encoder))
@@ -256,8 +248,6 @@ def test_export_converts_either_way_without_losing_alpha(run_dir, tmp_path):
 def test_init_from_starts_where_the_other_run_ended_and_refuses_what_does_not_fit(run_dir, tiny_model_path):
     """A LoRA exported from run A (its kohya file) as model.lora.init_from of run B: B's U-Net and text encoder
     before its first step give A's final outputs."""
-    from diffusers import StableDiffusionPipeline
-
     from sd_lora.config import Attention, LoraSettings, ModelConfig
     from sd_lora.errors import UserError
     from sd_lora.export import init_lora_from
@@ -277,8 +267,7 @@ def test_init_from_starts_where_the_other_run_ended_and_refuses_what_does_not_fi
         init_lora_from(modules, settings, kohya)
         return unet_output(comps.unet), text_output(comps.text_encoders[0])
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    pipe = tiny_pipeline(tiny_model_path)
     pipe.load_lora_weights(str(run_dir / "lora"), weight_name="pytorch_lora_weights.safetensors")
     for mine, theirs in zip(started(), (unet_output(pipe.unet), text_output(pipe.text_encoder))):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)

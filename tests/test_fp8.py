@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import test_devices
 import torch
+from conftest import renderer, tiny_pipeline
 
 from sd_lora.config import (BasePrecision, Config, DatasetConfig, DeviceConfig, DeviceType, LoraSettings, ModelConfig,
                             OptimizerConfig, TrainerConfig)
@@ -179,16 +180,10 @@ def test_a_tiny_fp8_run_trains_with_the_base_models_loss_and_says_so(fp8_runs):
 
 
 def test_the_fp8_runs_lora_loads_into_diffusers_and_changes_the_image(fp8_runs, tiny_model_path):
-    from diffusers import StableDiffusionPipeline
 
     _, trained, _ = fp8_runs
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("a red circle", num_inference_steps=2, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    pipe = tiny_pipeline(tiny_model_path)
+    image = renderer(pipe, "a red circle", 2)
 
     base = image()
     pipe.load_lora_weights(str(trained / "lora"), weight_name="pytorch_lora_weights.safetensors")

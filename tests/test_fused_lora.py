@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_pipeline
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as PeftLinear
 
@@ -223,7 +224,6 @@ def runs(tmp_path_factory, tiny_model_path):
 
 
 def test_a_fused_run_trains_peft_s_lora_into_the_same_file(runs, tiny_model_path):
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     peft, fused = (load_file(run / "lora" / "pytorch_lora_weights.safetensors") for run in runs)
@@ -240,7 +240,6 @@ def test_a_fused_run_trains_peft_s_lora_into_the_same_file(runs, tiny_model_path
     report = json.loads((runs[1] / "report.json").read_text())["switches"]
     assert report["fused_matmul"] is True and report["fused_lora_layers"] == report["lora_layers"] > 0
     assert json.loads((runs[0] / "report.json").read_text())["switches"]["fused_lora_layers"] == 0
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    pipe = tiny_pipeline(tiny_model_path)
     pipe.load_lora_weights(str(runs[1] / "lora"), weight_name="pytorch_lora_weights.safetensors")
     assert pipe.unet.peft_config["default_0"].r == 4

@@ -6,7 +6,7 @@ classes), on the CPU.
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_pipeline
 
 from sd_lora.config import Attention, LoraSettings, ModelConfig, PredictionType
 from sd_lora.model import add_lora, load_components, resolve_model_path
@@ -198,7 +198,6 @@ def unet_output(unet):
 def test_every_lora_variant_saves_a_file_diffusers_loads_onto_the_unchanged_base(lora, tiny_model_path, tmp_path):
     """The U-Net as trained (DoRA's magnitudes; PiSSA's / OLoRA's start taken out of the frozen fp16 weights) and the
     unchanged base pipeline with the saved file give the same output, and not the base's."""
-    from diffusers import StableDiffusionPipeline
 
     from sd_lora.config import LoraInit
     from sd_lora.model import save_lora
@@ -217,8 +216,7 @@ def test_every_lora_variant_saves_a_file_diffusers_loads_onto_the_unchanged_base
     unet.float()
     trained = unet_output(unet)
     path = save_lora({"unet": unet}, tmp_path / "lora")
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    pipe = tiny_pipeline(tiny_model_path)
     base = unet_output(pipe.unet)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     config = pipe.unet.peft_config["default_0"]
