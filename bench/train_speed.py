@@ -76,11 +76,10 @@ VARIANTS = {
     "throughput_te": ["perf=throughput", "model.lora.train_text_encoder=true"],
     "memory_te": ["perf=memory", "model.lora.train_text_encoder=true"],
     # model.base_precision=fp8: the U-Net's frozen Linear weights and their matmuls in float8 (Ada/Hopper)
-    "throughput_fp8": ["perf=throughput", "model.base_precision=fp8", "model.lora.fused_matmul=false"],
+    "throughput_fp8": ["perf=throughput", "model.base_precision=fp8"],
     "memory_fp8": ["perf=memory", "model.base_precision=fp8"],
     # model.lora.fused_matmul: each U-Net LoRA projection one matmul against W + s·B·A (sd_lora/fused_lora.py)
-    # (perf=throughput has it since 2026-12-01: throughput_unfused is the preset without it)
-    "throughput_unfused": ["perf=throughput", "model.lora.fused_matmul=false"],
+    "throughput_fused": ["perf=throughput", "model.lora.fused_matmul=true"],
     "memory_fused": ["perf=memory", "model.lora.fused_matmul=true"],
     # profiled: 5 steps after skip under torch.profiler; its operator table and busy-time summary go to --out.
     # Its step times hold the profiler's cost: read the speed from the unprofiled rows

@@ -183,8 +183,7 @@ class LoraSettings:
                                       ("use_dora", self.use_dora, "DoRA", "model.lora.use_dora=false")):
             _check(not (self.fused_matmul and value), "model.lora.fused_matmul", True,
                    f"the fused matmul computes a plain LoRA, without {what}, and model.lora.{key}={value}: "
-                   f"set {fix} or model.lora.fused_matmul=false (perf=throughput turns it on: add the override "
-                   "after perf=throughput)")
+                   f"set {fix} or model.lora.fused_matmul=false")
         _check(
             len(self.target_modules) > 0,
             "model.lora.target_modules",
@@ -236,8 +235,7 @@ class ModelConfig:
                "set model.base_precision=null, or model.lora.use_dora=false")
         _check(not (self.base_precision is BasePrecision.fp8 and self.lora.fused_matmul), "model.base_precision", "fp8",
                "model.lora.fused_matmul merges the LoRA into the frozen weight each step, and float8 (3 mantissa bits) "
-               "would round the LoRA's part away: pick one, model.base_precision=null or model.lora.fused_matmul=false "
-               "(perf=throughput turns the fused matmul on: add model.lora.fused_matmul=false after perf=throughput)")
+               "would round the LoRA's part away: pick one, model.base_precision=null or model.lora.fused_matmul=false")
 
 
 @dataclass
