@@ -62,15 +62,23 @@ def build_sd21(out: Path, dtype: str = "float16") -> Path:
     torch.manual_seed(0)
     vocab, merges = _tiny_tokenizer_vocab(_tiny_spec()["words"])
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # drawn on the GPU where there is one
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**SD21_VAE),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**SD21_TEXT)),
-            tokenizer=tokenizer,
-            unet=UNet2DConditionModel(**SD21_UNET),
-            scheduler=DDIMScheduler(**_tiny_spec()["scheduler"]),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    return save_drawn(out, dtype, lambda: StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD21_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD21_TEXT)),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**SD21_UNET),
+        scheduler=DDIMScheduler(**_tiny_spec()["scheduler"]),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ))
+
+
+def save_drawn(out: Path, dtype: str, build) -> Path:
+    """The pipeline `build()` makes, its random weights drawn on the GPU where there is one (billions of
+    parameters take minutes on a few CPU cores), saved to `out` in `dtype`."""
+    import torch
+
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        pipe = build()
     pipe.to(getattr(torch, dtype)).save_pretrained(out)
     del pipe
     if torch.cuda.is_available():

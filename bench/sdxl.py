@@ -13,6 +13,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd21 import SD21_VAE, save_drawn  # noqa: E402  (bench/sd21.py: the same VAE architecture)
+
 SDXL_UNET = dict(
     sample_size=128,
     in_channels=4,
@@ -30,19 +33,7 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816,  # 6 size numbers x 256 + the pooled 1280
     norm_num_groups=32,
 )
-SDXL_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.13025,
-    force_upcast=True,
-)
+SDXL_VAE = dict(SD21_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # SD's VAE, SDXL's scale
 SDXL_TEXT = dict(  # CLIP ViT-L/14's text tower
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
@@ -56,8 +47,7 @@ SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
 
 
 def build_sdxl(out: Path, dtype: str = "float16") -> Path:
-    """Write the random SDXL-architecture pipeline to `out` (once) and return it. The weights are drawn on
-    the GPU where there is one (2.6B parameters take minutes to initialise on a few CPU cores)."""
+    """Write the random SDXL-architecture pipeline to `out` (once) and return it."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -70,20 +60,14 @@ def build_sdxl(out: Path, dtype: str = "float16") -> Path:
     torch.manual_seed(0)
     vocab, merges = _tiny_tokenizer_vocab(_tiny_spec()["words"])
     tokenizers = [CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77) for _ in range(2)]
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        pipe = StableDiffusionXLPipeline(
-            vae=AutoencoderKL(**SDXL_VAE),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)),
-            tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
-            unet=UNet2DConditionModel(**SDXL_UNET),
-            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
-        )
-    pipe.to(getattr(torch, dtype)).save_pretrained(out)
-    del pipe
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return out
+    return save_drawn(out, dtype, lambda: StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**SDXL_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)),
+        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
+        unet=UNet2DConditionModel(**SDXL_UNET),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+    ))
 
 
 if __name__ == "__main__":
