@@ -140,7 +140,7 @@ def build_report(cfg: Config, accelerator, backend: Backend, model_path: Path, s
                      "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
                      "profile_steps": cfg.trainer.profile_steps,
                      "base_precision": cfg.model.base_precision and cfg.model.base_precision.value,
-                     "fp8_layers": applied.get("fp8_layers", 0),  # the U-Net's Linear layers in float8
+                     "fp8_layers": applied["fp8_layers"],  # the U-Net's Linear layers in float8
                      # model.lora.fused_matmul, and the U-Net LoRA layers it fused of all of them (None: not counted)
                      "fused_matmul": cfg.model.lora.fused_matmul, "fused_lora_layers": applied["fused_lora_layers"],
                      "lora_layers": applied["lora_layers"],

@@ -96,7 +96,8 @@ def plan_speed(cfg: Config, backend: Backend) -> SpeedPlan:
                  "torch.compile's default mode (CUDA graphs only on CUDA with dataset.cache=true and no gradient "
                  "accumulation)")
     return SpeedPlan(mode, {"compile_mode": mode if t.compile else None, "compile_encoders": False,
-                            "kernel_autotune": False, "fused_lora_layers": 0, "lora_layers": None},
+                            "kernel_autotune": False, "fused_lora_layers": 0, "lora_layers": None,
+                            "fp8_layers": 0},
                      compiled_graphs())
 
 
