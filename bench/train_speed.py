@@ -78,9 +78,10 @@ VARIANTS = {
     # model.base_precision=fp8: the U-Net's frozen Linear weights and their matmuls in float8 (Ada/Hopper)
     "throughput_fp8": ["perf=throughput", "model.base_precision=fp8"],
     "memory_fp8": ["perf=memory", "model.base_precision=fp8"],
-    # model.lora.fused_matmul: each U-Net LoRA projection one matmul against W + s·B·A (sd_lora/fused_lora.py)
-    "throughput_fused": ["perf=throughput", "model.lora.fused_matmul=true"],
-    "memory_fused": ["perf=memory", "model.lora.fused_matmul=true"],
+    # model.lora.fused_matmul (in perf=throughput and perf=memory since 2026-12-02: each U-Net LoRA projection one
+    # matmul against W + s·B·A, sd_lora/fused_lora.py): the presets without it, peft's three-matmul path
+    "throughput_unfused": ["perf=throughput", "model.lora.fused_matmul=false"],
+    "memory_unfused": ["perf=memory", "model.lora.fused_matmul=false"],
     # profiled: 5 steps after skip under torch.profiler; its operator table and busy-time summary go to --out.
     # Its step times hold the profiler's cost: read the speed from the unprofiled rows
     "throughput_profile": ["perf=throughput", "trainer.profile_steps=5"],
@@ -274,6 +275,11 @@ def main() -> None:
     parser.add_argument("--val-loss", action="store_true",
                         help="hold out a tenth of the data; each trainer row's validation loss after its last step")
     parser.add_argument("--run-timeout", type=float, default=None, help="stop a row (and its workers) after this many s")
+    parser.add_argument("--fresh-node", default=None, metavar="VARIANT",
+                        help="after the rows, VARIANT (at the first batch size) twice with trainer.compile_cache: once "
+                             "with this machine's Inductor cache, writing the file, then with empty Inductor and Triton "
+                             "caches and the file alone, as a fresh node of a cluster would start (first step and compile "
+                             "time of each in the table)")
     parser.add_argument("--out", default=None, help="folder for results.json and the runs' logs (default: --work)")
     args = parser.parse_args()
     sdxl = args.model == "sdxl"
@@ -355,7 +361,28 @@ def main() -> None:
                   f"{json.dumps(result, default=str)[:400]}", flush=True)
             (args.out / "results.json").write_text(json.dumps({"facts": facts, "results": results}, indent=2,
                                                               default=str))
+    if args.fresh_node:
+        fresh_node(args.fresh_node, overrides(args.fresh_node, batches[0]), runs, args, results)
+        (args.out / "results.json").write_text(json.dumps({"facts": facts, "results": results}, indent=2, default=str))
     print_table(facts, results)
+
+
+def fresh_node(name: str, overrides: list[str], runs: Path, args, results: dict) -> None:
+    """trainer.compile_cache as a cluster uses it: a run on this machine writes the file (its graphs from this
+    machine's Inductor cache, or compiled), then a run with empty Inductor and Triton caches (a fresh node) starts
+    from the file alone. Both run 3 steps; what counts is their first step and compile time."""
+    file = runs / "compile-cache" / f"{name}.bin"
+    short = [*overrides, f"trainer.compile_cache={file}", "trainer.max_train_steps=3", "trainer.skip_steps=1"]
+    fresh = {"TORCHINDUCTOR_CACHE_DIR": str(runs / "fresh-inductor"), "TRITON_CACHE_DIR": str(runs / "fresh-triton")}
+    batch = int(next(o for o in overrides if o.startswith("trainer.train_batch_size=")).split("=")[1])
+    for i, (row, env) in enumerate(((f"{name}, writing the compile cache", None),
+                                    (f"{name}, fresh node from the compile cache", fresh))):
+        report = common.run_trainer(f"fresh-node-{i}", short, runs / f"fresh-node-{i}", args.out,
+                                    timeout=args.run_timeout, env=env)
+        results[row] = {**report, "batch": batch}
+        size = file.stat().st_size / 2**20 if file.is_file() else 0
+        print(f"{row}: first step {report.get('first_step_s')} s, compile {report.get('compile_s')} s, "
+              f"{json.dumps(report.get('compile_cache'))}, file {size:.1f} MB", flush=True)
 
 
 def step_times(r: dict) -> tuple[float | None, float | None]:

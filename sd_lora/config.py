@@ -156,7 +156,7 @@ class LoraSettings:
     text_encoder_target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )  # text encoder module names (suffixes) that get a LoRA adapter (diffusers' DreamBooth LoRA scripts' choice)
-    fused_matmul: bool = False  # the U-Net's LoRA projections as one matmul against W + s·B·A merged each step, with their own backward (sd_lora/fused_lora.py): fewer kernels, same parameters and files; not with dropout or DoRA; the text encoder's LoRA keeps peft's path
+    fused_matmul: bool = False  # the U-Net's LoRA projections as one matmul against W + s·B·A merged each step, with their own backward (sd_lora/fused_lora.py): fewer kernels, same parameters and files; perf=throughput and perf=memory set it. Where a layer does not qualify (dropout, DoRA, model.base_precision=fp8) it keeps peft's path, and the log says why; the text encoder's LoRA keeps peft's path
 
     def __post_init__(self):
         _check(self.rank >= 1, "model.lora.rank", self.rank, "use a positive integer such as 4")
@@ -179,11 +179,6 @@ class LoraSettings:
                "model.lora.init_lora_weights", self.init_lora_weights.value,
                "model.lora.init_from gives the LoRA's start, which pissa/olora would compute from the frozen weight: "
                "use gaussian, or leave init_from out")
-        for key, value, what, fix in (("dropout", self.dropout, "dropout", "model.lora.dropout=0"),
-                                      ("use_dora", self.use_dora, "DoRA", "model.lora.use_dora=false")):
-            _check(not (self.fused_matmul and value), "model.lora.fused_matmul", True,
-                   f"the fused matmul computes a plain LoRA, without {what}, and model.lora.{key}={value}: "
-                   f"set {fix} or model.lora.fused_matmul=false")
         _check(
             len(self.target_modules) > 0,
             "model.lora.target_modules",
@@ -233,9 +228,6 @@ class ModelConfig:
         _check(not (self.base_precision is BasePrecision.fp8 and self.lora.use_dora), "model.base_precision", "fp8",
                "DoRA reads the frozen weight itself (its norm per output channel), which fp8 keeps scaled in float8: "
                "set model.base_precision=null, or model.lora.use_dora=false")
-        _check(not (self.base_precision is BasePrecision.fp8 and self.lora.fused_matmul), "model.base_precision", "fp8",
-               "model.lora.fused_matmul merges the LoRA into the frozen weight each step, and float8 (3 mantissa bits) "
-               "would round the LoRA's part away: pick one, model.base_precision=null or model.lora.fused_matmul=false")
 
 
 @dataclass

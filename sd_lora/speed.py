@@ -111,6 +111,21 @@ def process_switches_kept(cfg: Config):
         yield scope
 
 
+def custom_functions_cached():
+    """AOTAutograd's compile cache for graphs holding a torch.autograd.Function (the fused LoRA's and fp8's): torch
+    passes such graphs by unless `autograd_cache_allow_custom_autograd_functions` is on, so every process traced and
+    partitioned the U-Net's forward and backward again (a warm start of 64 s against 19 s on one H200; on this CPU,
+    tiny model, compile_s 49 s and 0 AOTAutograd hits against 15 s and 1 hit with it). The switch is torch's own,
+    off by default while torch tests it (pytorch/pytorch#149751: Dynamo traces the Function's forward and backward
+    into the graph as the pure AutogradFunctionApply operator, both hashed into the cache key, so a changed
+    Function is a miss). Our Functions keep no state outside their inputs. A context (a no-op on a torch without it)."""
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(autograd_cache_allow_custom_autograd_functions=True)
+
+
 def set_process_switches(cfg: Config, backend: Backend, accelerator, scope: contextlib.ExitStack,
                          plan: SpeedPlan) -> None:
     """The process-wide switches, once the process's device is known; undone when `scope` closes."""
@@ -123,6 +138,8 @@ def set_process_switches(cfg: Config, backend: Backend, accelerator, scope: cont
         # So one graph unless trainer.compile_ddp_split asks for the split; DDP's hooks then all-reduce after the
         # compiled backward. torch compiles at the first step: the setting holds for the run, put back after it.
         scope.enter_context(torch._dynamo.config.patch(optimize_ddp=t.compile_ddp_split))
+    if cfg.model.lora.fused_matmul or cfg.model.base_precision is not None:
+        scope.enter_context(custom_functions_cached())
     # training, validation loss and validation images alike
     scope.enter_context(sdp_kernel_order(cfg.model.sdp_kernel, accelerator.device))
     if t.allow_tf32:
@@ -162,14 +179,23 @@ def set_unet_matmuls(cfg: Config, unet: torch.nn.Module, speed: SpeedPlan) -> No
     """The U-Net's matmul levers, after LoRA injection (they rewrite the injected layers): model.lora.fused_matmul
     (each LoRA projection one matmul against W + s·B·A) or model.base_precision=fp8 (the frozen Linear weights
     and their matmuls in float8; the base layers inside the LoRA layers too). The counts go to the report."""
-    if cfg.model.lora.fused_matmul:
+    fp8 = cfg.model.base_precision is not None
+    if cfg.model.lora.fused_matmul and fp8:
+        # merging the LoRA into a float8 weight (3 mantissa bits) would round the LoRA's part away
+        log.warning("model.lora.fused_matmul: not with model.base_precision=fp8, whose layers keep peft's LoRA path "
+                    "(fused_lora_layers 0 in the report)")
+    elif cfg.model.lora.fused_matmul:
         from sd_lora.fused_lora import fuse_lora_layers
 
         fused, total = fuse_lora_layers(unet)
         speed.applied.update(fused_lora_layers=fused, lora_layers=total)
-        log.info("model.lora.fused_matmul: fused %d of %d LoRA layers of the U-Net (the others keep peft's path)",
-                 fused, total)
-    if cfg.model.base_precision is not None:
+        lora = cfg.model.lora
+        why = ", ".join(w for w, on in (("model.lora.dropout>0", lora.dropout > 0),
+                                        ("model.lora.use_dora", lora.use_dora)) if on)
+        (log.warning if fused < total else log.info)(
+            "model.lora.fused_matmul: fused %d of %d LoRA layers of the U-Net%s", fused, total,
+            f" (the others keep peft's path: {why or 'not a plain LoRA Linear'})" if fused < total else "")
+    if fp8:
         from sd_lora.fp8 import to_fp8_base
 
         speed.applied["fp8_layers"] = to_fp8_base(unet)

@@ -246,6 +246,3 @@ def test_fp8_refusals_come_before_any_weights(fake_gcu, tiny_model_path):
     with pytest.raises(UserError, match=r"model.base_precision='fp8' is invalid: DoRA reads the frozen weight"):
         ModelConfig(pretrained_model_name_or_path="m", base_precision=BasePrecision.fp8,
                     lora=LoraSettings(use_dora=True))
-    with pytest.raises(UserError, match=r"model.base_precision='fp8' is invalid: model.lora.fused_matmul merges"):
-        ModelConfig(pretrained_model_name_or_path="m", base_precision=BasePrecision.fp8,
-                    lora=LoraSettings(fused_matmul=True))

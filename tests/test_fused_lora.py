@@ -16,7 +16,6 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as PeftLinear
 
 import sd_lora
-from sd_lora.errors import UserError
 from sd_lora.fused_lora import fuse_lora_layers, is_fused
 
 SHAPES = Path(sd_lora.__file__).parent / "assets" / "shapes"
@@ -188,13 +187,29 @@ def test_the_fused_layer_compiles_into_one_graph_and_matches():
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("overrides, key", [(dict(dropout=0.1), "model.lora.dropout=0"),
-                                            (dict(use_dora=True), "model.lora.use_dora=false")])
-def test_config_refuses_what_it_cannot_fuse(overrides, key):
-    from sd_lora.config import LoraSettings
+@pytest.mark.parametrize("lora, base, why", [(dict(dropout=0.1), None, "the others keep peft's path: model.lora.dropout>0"),
+                                             (dict(use_dora=True), None, "the others keep peft's path: model.lora.use_dora"),
+                                             ({}, "fp8", "not with model.base_precision=fp8")],
+                         ids=["dropout", "dora", "fp8"])
+def test_what_cannot_be_fused_keeps_peft_s_path_and_the_log_says_why(lora, base, why, caplog):
+    """perf=throughput sets fused_matmul: a LoRA with dropout or DoRA, or an fp8 base, is accepted with it (not
+    refused) and trains on peft's path; a plain LoRA beside it is fused."""
+    from sd_lora.config import BasePrecision, LoraSettings
+    from sd_lora.speed import SpeedPlan, set_unet_matmuls
 
-    with pytest.raises(UserError, match=f"model.lora.fused_matmul.*set {key} or model.lora.fused_matmul=false"):
-        LoraSettings(fused_matmul=True, **overrides)
+    cfg = run_config(Path("unused"), True)
+    cfg.model.lora = LoraSettings(rank=4, alpha=8, fused_matmul=True, **lora)
+    cfg.model.base_precision = BasePrecision(base) if base else None
+    unet = torch.nn.ModuleDict({"plain": lora_block(), "other": lora_block(lora_dropout=lora.get("dropout", 0.0),
+                                                                           use_dora=lora.get("use_dora", False))})
+    speed = SpeedPlan(None, {"fused_lora_layers": 0, "lora_layers": None, "fp8_layers": 0})
+    with caplog.at_level("INFO", logger="sd_lora.speed"):
+        set_unet_matmuls(cfg, unet, speed)
+    assert why in caplog.text
+    assert not is_fused(unet["other"].proj)
+    assert is_fused(unet["plain"].proj) == (base is None)
+    assert speed.applied["fused_lora_layers"] == (0 if base else 1)
+    assert speed.applied["lora_layers"] == (None if base else 2)
 
 
 def run_config(model: Path, fused: bool, **trainer):
