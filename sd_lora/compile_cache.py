@@ -176,6 +176,9 @@ class CompileCache:
         counts, seconds = self.counts(), self.compile_s()
         if self.is_main_process and (seconds or counts["inductor_hits"] or counts["inductor_misses"]):
             log.info("compiled in %s (cache: %s)", "?" if seconds is None else f"{seconds:.1f} s", _hit_or_miss(counts))
+            if counts["inductor_bypasses"]:
+                log.warning("Inductor's cache passed by %d graph(s), so every start compiles them again%s; "
+                            "TORCH_LOGS=inductor prints torch's reason", counts["inductor_bypasses"], _known_bypass())
             if self.loaded and counts["inductor_misses"]:
                 log.info("trainer.compile_cache: %d graph(s) were not in %s (another device, model or config): "
                          "compiled, and the file is rewritten", counts["inductor_misses"], self.path)
@@ -210,6 +213,21 @@ class CompileCache:
         """report.json's compile_cache: the file, and the cache hits and misses of this run's compilations."""
         return {"path": None if self.path is None else str(self.path), "loaded": self.loaded, "saved": self.saved,
                 **self.counts()}
+
+
+def _known_bypass() -> str:
+    """Why Inductor's cache passes graphs by, where this torch is known to: with gradient checkpointing on CUDA the
+    recomputed attention replays its RNG state through the graphsafe_run_with_rng_state operator, which torch 2.11
+    (seen on an H200, perf=memory) does not cache and later torch does (pytorch/pytorch#185562; 2.13 has it)."""
+    try:
+        import torch
+
+        cacheable = torch.ops.higher_order.graphsafe_run_with_rng_state.cacheable()
+    except (AttributeError, RuntimeError):  # a torch without the operator
+        return ""
+    return "" if cacheable else (
+        f" (torch {torch.__version__} cannot cache graphs with graphsafe_run_with_rng_state, which gradient "
+        "checkpointing on CUDA puts there; torch 2.13 can, pytorch/pytorch#185562)")
 
 
 def _hit_or_miss(counts: dict[str, int]) -> str:

@@ -116,3 +116,16 @@ def test_a_torch_without_the_artifacts_api_is_refused_before_any_work(monkeypatc
     monkeypatch.delattr(torch.compiler, "save_cache_artifacts")  # torch 2.4 to 2.6
     with pytest.raises(UserError, match=r"trainer.compile_cache needs torch 2.7 or later.*trainer.compile_cache=null"):
         check_speed_switches(cfg, build_backend("cpu"))
+
+
+def test_a_bypass_torch_is_known_to_make_is_named(monkeypatch):
+    """perf=memory on CUDA under torch 2.11 (an H200): every start compiled again, because Inductor's cache passed
+    by the graphs holding graphsafe_run_with_rng_state (gradient checkpointing replays the attention's RNG state).
+    This torch caches that operator, so there is nothing to name; a torch that does not is made here by clearing
+    the operator's flag (torch 2.11 cannot be installed beside this one)."""
+    from sd_lora.compile_cache import _known_bypass
+
+    op = torch.ops.higher_order.graphsafe_run_with_rng_state
+    assert op.cacheable() and _known_bypass() == ""
+    monkeypatch.setattr(op, "_cacheable", False)
+    assert "pytorch/pytorch#185562" in _known_bypass() and torch.__version__ in _known_bypass()
