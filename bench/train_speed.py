@@ -78,10 +78,10 @@ VARIANTS = {
     # model.base_precision=fp8: the U-Net's frozen Linear weights and their matmuls in float8 (Ada/Hopper)
     "throughput_fp8": ["perf=throughput", "model.base_precision=fp8"],
     "memory_fp8": ["perf=memory", "model.base_precision=fp8"],
-    # model.lora.fused_matmul (in perf=throughput and perf=memory since 2026-12-02: each U-Net LoRA projection one
-    # matmul against W + s·B·A, sd_lora/fused_lora.py): the presets without it, peft's three-matmul path
+    # model.lora.fused_matmul (in perf=throughput since 2026-12-02: each U-Net LoRA projection one matmul against
+    # W + s·B·A, sd_lora/fused_lora.py): the preset without it (peft's three-matmul path); perf=memory with it
     "throughput_unfused": ["perf=throughput", "model.lora.fused_matmul=false"],
-    "memory_unfused": ["perf=memory", "model.lora.fused_matmul=false"],
+    "memory_fused": ["perf=memory", "model.lora.fused_matmul=true"],
     # profiled: 5 steps after skip under torch.profiler; its operator table and busy-time summary go to --out.
     # Its step times hold the profiler's cost: read the speed from the unprofiled rows
     "throughput_profile": ["perf=throughput", "trainer.profile_steps=5"],

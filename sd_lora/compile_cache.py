@@ -226,8 +226,9 @@ def _known_bypass() -> str:
     except (AttributeError, RuntimeError):  # a torch without the operator
         return ""
     return "" if cacheable else (
-        f" (torch {torch.__version__} cannot cache graphs with graphsafe_run_with_rng_state, which gradient "
-        "checkpointing on CUDA puts there; torch 2.13 can, pytorch/pytorch#185562)")
+        f"; with gradient checkpointing on CUDA that is torch {torch.__version__}, which cannot cache the "
+        "graphsafe_run_with_rng_state operator checkpointing puts in the graph (torch 2.13 can, "
+        "pytorch/pytorch#185562)")
 
 
 def _hit_or_miss(counts: dict[str, int]) -> str:

@@ -156,7 +156,7 @@ class LoraSettings:
     text_encoder_target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )  # text encoder module names (suffixes) that get a LoRA adapter (diffusers' DreamBooth LoRA scripts' choice)
-    fused_matmul: bool = False  # the U-Net's LoRA projections as one matmul against W + s·B·A merged each step, with their own backward (sd_lora/fused_lora.py): fewer kernels, same parameters and files; perf=throughput and perf=memory set it. Where a layer does not qualify (dropout, DoRA, model.base_precision=fp8) it keeps peft's path, and the log says why; the text encoder's LoRA keeps peft's path
+    fused_matmul: bool = False  # the U-Net's LoRA projections as one matmul against W + s·B·A merged each step, with their own backward (sd_lora/fused_lora.py): fewer kernels, same parameters and files; perf=throughput sets it. Where a layer does not qualify (dropout, DoRA, model.base_precision=fp8) it keeps peft's path, and the log says why; the text encoder's LoRA keeps peft's path
 
     def __post_init__(self):
         _check(self.rank >= 1, "model.lora.rank", self.rank, "use a positive integer such as 4")

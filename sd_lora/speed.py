@@ -182,8 +182,12 @@ def set_unet_matmuls(cfg: Config, unet: torch.nn.Module, speed: SpeedPlan) -> No
     fp8 = cfg.model.base_precision is not None
     if cfg.model.lora.fused_matmul and fp8:
         # merging the LoRA into a float8 weight (3 mantissa bits) would round the LoRA's part away
-        log.warning("model.lora.fused_matmul: not with model.base_precision=fp8, whose layers keep peft's LoRA path "
-                    "(fused_lora_layers 0 in the report)")
+        from peft.tuners.lora.layer import LoraLayer
+
+        total = sum(isinstance(m, LoraLayer) for m in unet.modules())
+        speed.applied.update(fused_lora_layers=0, lora_layers=total)
+        log.warning("model.lora.fused_matmul: not with model.base_precision=fp8: all %d LoRA layers of the U-Net "
+                    "keep peft's path", total)
     elif cfg.model.lora.fused_matmul:
         from sd_lora.fused_lora import fuse_lora_layers
 

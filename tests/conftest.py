@@ -131,7 +131,8 @@ DDP_COMMON = [
 # on a 2-core machine
 FAST_BUILD = {"TORCHINDUCTOR_DEBUG_COMPILE": "1"}
 COMPILED_DDP = [*DDP_COMMON, "device.num_processes=2", "trainer.train_batch_size=2", "trainer.compile=true",
-                "trainer.compile_mode=reduce-overhead", "dataset.drop_last=true", "trainer.compile_cache=cc/unet.bin"]
+                "trainer.compile_mode=reduce-overhead", "dataset.drop_last=true", "trainer.compile_cache=cc/unet.bin",
+                "model.lora.fused_matmul=true"]  # as perf=throughput: the fused LoRA under compiled DDP
 
 
 @pytest.fixture(scope="session")

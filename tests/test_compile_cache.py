@@ -69,21 +69,30 @@ def test_a_damaged_file_warns_and_the_run_trains_and_rewrites_it(compiled_ddp_ru
 # found and rewritten, is the shared two-process run above; a second run of it would compile minutes again.)
 COMPILING_PROCESS = """
 import json, sys, torch
+from peft import LoraConfig, inject_adapter_in_model
 from sd_lora.compile_cache import compile_cache_scope
+from sd_lora.fused_lora import fuse_lora_layers
+from sd_lora.speed import custom_functions_cached
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
-with compile_cache_scope(sys.argv[1], is_main_process=True) as cache:
+# a LoRA on the first layer, fused as perf=throughput fuses the U-Net's: the graph holds its autograd.Function
+inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], init_lora_weights="gaussian"), model)
+for name, p in model.named_parameters():
+    p.requires_grad_("lora_" in name)
+assert fuse_lora_layers(model) == (1, 1)
+with custom_functions_cached(), compile_cache_scope(sys.argv[1], is_main_process=True) as cache:
     cache.load()
     torch.compile(model)(torch.randn(8, 16)).pow(2).mean().backward()
     cache.after_step()
     cache.save()
-    print(json.dumps({**cache.report(), "grad": model[0].weight.grad.sum().item()}))
+    print(json.dumps({**cache.report(), "grad": model[0].lora_A["default"].weight.grad.sum().item()}))
 """
 
 
 def test_a_fresh_node_starts_from_the_file(tmp_path):
     """Two processes with empty Inductor caches of their own: the second's graphs (forward and backward) come
-    from the file the first wrote, and it leaves the file as it was."""
+    from the file the first wrote, and it leaves the file as it was. The model holds a fused LoRA layer (an
+    autograd.Function, which AOTAutograd's cache passes by unless custom_functions_cached() is on)."""
     path = tmp_path / "cc.bin"
 
     def process(cache_dir: str) -> dict:
