@@ -186,8 +186,9 @@ def set_unet_matmuls(cfg: Config, unet: torch.nn.Module, speed: SpeedPlan) -> No
 
         total = sum(isinstance(m, LoraLayer) for m in unet.modules())
         speed.applied.update(fused_lora_layers=0, lora_layers=total)
-        log.warning("model.lora.fused_matmul: not with model.base_precision=fp8: all %d LoRA layers of the U-Net "
-                    "keep peft's path", total)
+        # info, not a warning: perf=throughput sets fused_matmul, and fp8 on top of it is a choice, not a mistake
+        log.info("model.lora.fused_matmul: not with model.base_precision=fp8: all %d LoRA layers of the U-Net keep "
+                 "peft's path", total)
     elif cfg.model.lora.fused_matmul:
         from sd_lora.fused_lora import fuse_lora_layers
 
