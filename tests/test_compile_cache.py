@@ -85,7 +85,7 @@ with custom_functions_cached(), compile_cache_scope(sys.argv[1], is_main_process
     torch.compile(model)(torch.randn(8, 16)).pow(2).mean().backward()
     cache.after_step()
     cache.save()
-    print(json.dumps({**cache.report(), "grad": model[0].lora_A["default"].weight.grad.sum().item()}))
+    print(json.dumps({**cache.report(), "grad": model[0].lora_B["default"].weight.grad.abs().sum().item()}))
 """
 
 
@@ -110,7 +110,8 @@ def test_a_fresh_node_starts_from_the_file(tmp_path):
     assert second["inductor_hits"] > 0 and second["inductor_misses"] == 0
     assert second["autograd_hits"] > 0 and second["autograd_misses"] == 0  # the backward came from the file too
     assert path.read_bytes() == written
-    assert second["grad"] == first["grad"]  # the same compiled kernels compute the same gradient
+    # the same compiled kernels compute the same gradient (lora_B's: lora_A's is zero while B starts at zero)
+    assert second["grad"] == first["grad"] > 0
 
 
 def test_a_torch_without_the_artifacts_api_is_refused_before_any_work(monkeypatch):
