@@ -197,6 +197,10 @@ def test_trace_summary_counts_overlapping_kernels_once_and_sorts_them_by_kind():
     assert kernel_category("triton_poi_fused_convert_element_type_1") == "fused (Inductor)"
     assert kernel_category("sm90_xmma_dgrad_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "convolution"
     assert kernel_category("void at::native::elementwise_kernel<128, 4>") == "other"
+    # names as the 2026-12-02 H200 profile of perf=throughput gave them (docs/profile-h200-2026-12-02-*.txt)
+    assert kernel_category("void cudnn::fusion::compute_dot_do_o_specialized<false>(void") == "attention"
+    assert kernel_category("void cudnn::fusion::convert_dq_to_16bits<false>(void") == "attention"
+    assert kernel_category("void cublasLt::splitKreduce_kernel<32, 16, int, float>") == "matmul"
     # on the CPU there is no device time: only the host's
     cpu = trace_summary({"traceEvents": trace["traceEvents"][:2]})
     assert cpu["device_busy_fraction"] is None and cpu["host_ms_per_step"] == 2.0
