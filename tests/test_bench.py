@@ -77,3 +77,21 @@ def test_a_run_past_its_timeout_is_stopped_with_the_processes_it_started(tmp_pat
     while not gone(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gone(worker)
+
+
+def test_lora_memory_measures_each_path_with_and_without_checkpointing(tmp_path):
+    """bench/lora_memory.py on the CPU with the tiny U-Net: four processes, one per configuration; checkpointing
+    keeps fewer activations for the backward on either LoRA path, and the fused rows did fuse every layer."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_memory.py"), "--device", "cpu", "--tiny",
+                             "--latent", "8", "--batch", "2", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(r["fused"], r["checkpointing"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(False, False), (False, True), (True, False), (True, True)}
+    for fused in (False, True):
+        assert 0 < rows[fused, True]["saved_bytes"] < rows[fused, False]["saved_bytes"] / 2
+    assert rows[True, True]["fused_layers"] == rows[True, True]["lora_layers"] > 0
+    assert rows[False, False]["fused_layers"] == 0
+    assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in rows.values())
+    assert result.stdout.count("| fused (") == 2 and result.stdout.count("| peft |") == 2

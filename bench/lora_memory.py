@@ -1,0 +1,169 @@
+"""Memory of one U-Net training step: peft's LoRA path against the fused matmul, with and without checkpointing.
+
+    python bench/lora_memory.py --device cuda --compile inductor     # SD 2.1 U-Net, 96x96 latent (768 px), batch 4
+    python bench/lora_memory.py --device cpu --latent 48 --batch 2    # the same U-Net on the CPU, eager
+    python bench/lora_memory.py --device cpu --tiny --latent 8        # the tiny demo U-Net: a smoke test
+
+Written to find why `perf=memory model.lora.fused_matmul=true` peaked 1.44 GiB above `perf=memory` on an H200
+(docs/performance.md, 2026-12-02 evening), where the CPU showed no such difference.
+
+Each of the four configurations (LoRA path x gradient checkpointing) runs in a process of its own, since a peak
+is per process. It builds the U-Net (SD 2.1's architecture with random weights, bench/sd21.py, or the tiny demo
+one), frozen in the compute dtype (fp16 on CUDA, bf16 on the CPU) with LoRA rank 4 on to_q/to_k/to_v/to_out.0 in
+fp32 (as the trainer keeps them), channels_last as the presets have it; fuses the LoRA layers or not; turns on
+checkpointing or not; compiles the U-Net or not (--compile: a torch.compile backend); runs one warm step under
+autocast, then the measured step, and reports:
+  saved      the bytes autograd keeps from the measured step's forward for its backward (saved_tensors_hooks:
+             compiled graphs' saved activations included; checkpointing's own recomputation not)
+  peak       CUDA: max_memory_allocated during the measured step, above what was allocated before it; CPU: the
+             process's peak RSS (the whole process: the compiler's own memory too under --compile, so weak there)
+  step       the measured step's time (one step: for speed, use bench/train_speed.py)
+--out FILE also writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+CONFIGS = [(False, False), (False, True), (True, False), (True, True)]  # (fused, checkpointing)
+
+
+def build_unet(tiny: bool):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    if tiny:
+        from sd_lora.demo import build_tiny_pipeline
+
+        return build_tiny_pipeline().unet
+    from sd21 import SD21_UNET
+
+    return UNet2DConditionModel(**SD21_UNET)
+
+
+def one(args) -> dict:
+    """One configuration, in this process."""
+    import resource
+
+    import torch
+
+    from sd_lora.config import Attention, LoraSettings
+    from sd_lora.fused_lora import fuse_lora_layers
+    from sd_lora.model import add_lora
+
+    fused, checkpointing = args.fused, args.checkpointing
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    torch.set_default_dtype(dtype)  # built in the compute dtype: an fp32 SD 2.1 U-Net would set the CPU's peak
+    unet = build_unet(args.tiny)
+    torch.set_default_dtype(torch.float32)
+    unet.requires_grad_(False)
+    add_lora(unet, Attention.sdp, LoraSettings(rank=4))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    layers = fuse_lora_layers(unet) if fused else None
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.to(device, memory_format=torch.channels_last).train()
+    model = torch.compile(unet, backend=args.compile) if args.compile else unet
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(args.batch, unet.config.in_channels, args.latent, args.latent, generator=generator)
+    text = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator)
+    latents, text = latents.to(device), text.to(device)
+    timesteps = torch.tensor([10 + 900 * i // max(args.batch - 1, 1) for i in range(args.batch)], device=device)
+    saved = [0, 0]
+
+    def pack(tensor):
+        saved[0] += tensor.numel() * tensor.element_size()
+        saved[1] += 1
+        return tensor
+
+    def step(hooks: bool) -> None:
+        with torch.autocast(device.type, dtype=dtype):
+            if hooks:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    pred = model(latents, timesteps, text).sample
+            else:
+                pred = model(latents, timesteps, text).sample
+        pred.float().pow(2).mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    step(False)  # compiles, warms the allocator
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    step(True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated() - before, "cuda max_memory_allocated above the start"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+    return {"fused": fused, "checkpointing": checkpointing, "fused_layers": layers[0] if layers else 0,
+            "lora_layers": layers[1] if layers else None, "saved_bytes": saved[0], "saved_tensors": saved[1],
+            "peak_bytes": peak, "peak_kind": kind, "step_s": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="the tiny demo U-Net (a smoke test of this script)")
+    parser.add_argument("--latent", type=int, default=96, help="latent side: 96 is 768 px")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="torch.compile the U-Net with this backend: inductor (the trainer's), aot_eager_decomp_partition "
+                             "(Inductor's partitioner without its code), ...; default eager")
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "fused,checkpointing" as 0/1: a child
+    args = parser.parse_args()
+    if args.one is not None:
+        args.fused, args.checkpointing = (flag == "1" for flag in args.one.split(","))
+        print("ROW " + json.dumps(one(args)), flush=True)
+        return
+
+    import torch
+
+    rows = []
+    passed = ["--device", args.device, "--latent", str(args.latent), "--batch", str(args.batch),
+              *(["--tiny"] if args.tiny else []), *(["--compile", args.compile] if args.compile else [])]
+    for fused, checkpointing in CONFIGS:
+        cmd = [sys.executable, __file__, *passed, "--one", f"{int(fused)},{int(checkpointing)}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        if proc.returncode or not lines:
+            sys.exit(f"fused={fused} checkpointing={checkpointing} failed (exit {proc.returncode}):\n"
+                     f"{proc.stderr[-3000:]}")
+        rows.append(json.loads(lines[-1][4:]))
+    model = "tiny demo" if args.tiny else "SD 2.1"
+    print(f"torch {torch.__version__}, {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}; {model} U-Net, batch "
+          f"{args.batch}, {args.latent}x{args.latent} latent, LoRA rank 4, "
+          f"{'compiled: ' + args.compile if args.compile else 'eager'}; peak: {rows[0]['peak_kind']}\n")
+    print("| LoRA path | checkpointing | saved for backward | peak | step s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        path = f"fused ({r['fused_layers']} of {r['lora_layers']} layers)" if r["fused"] else "peft"
+        print(f"| {path} | {'on' if r['checkpointing'] else 'off'} | {r['saved_bytes'] / 2**20:.1f} MiB in "
+              f"{r['saved_tensors']} tensors | {r['peak_bytes'] / 2**30:.3f} GiB | {r['step_s']:.3f} |")
+    if args.out:
+        args.out.write_text(json.dumps({"torch": torch.__version__, "device": args.device, "model": model,
+                                        "batch": args.batch, "latent": args.latent, "compile": args.compile,
+                                        "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
