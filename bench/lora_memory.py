@@ -13,18 +13,27 @@ one), frozen in the compute dtype (fp16 on CUDA, bf16 on the CPU) with LoRA rank
 fp32 (as the trainer keeps them), channels_last as the presets have it; fuses the LoRA layers or not; turns on
 checkpointing or not; compiles the U-Net or not (--compile: a torch.compile backend); runs one warm step under
 autocast, then the measured step, and reports:
-  saved      the bytes autograd keeps from the measured step's forward for its backward (saved_tensors_hooks:
-             compiled graphs' saved activations included; checkpointing's own recomputation not)
+  saved      what the measured step's forward keeps for its backward, seen through saved_tensors_hooks: the
+             distinct tensor storages saved, the frozen parameters and buffers and the step's inputs left out
+             (a tensor saved by several ops counts once; a compiled graph's saved activations are seen too).
+             Under eager gradient checkpointing (diffusers checkpoints each transformer block, so every LoRA
+             layer, non-reentrantly) the checkpoint's own hooks take the saves inside the blocks, so these rows
+             see only what lies outside them and are equal for both LoRA paths by construction: the peak is
+             the measure there
   peak       CUDA: max_memory_allocated during the measured step, above what was allocated before it; CPU: the
-             process's peak RSS (the whole process: the compiler's own memory too under --compile, so weak there)
+             process's peak RSS over its whole life (model build and warm step included; under --compile the
+             compiler's own memory too, so a weak measure there)
   step       the measured step's time (one step: for speed, use bench/train_speed.py)
---out FILE also writes the rows as JSON.
+A configuration that fails or passes --timeout is a row with its error; the others still run. --out FILE also
+writes the rows as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,43 +78,44 @@ def one(args) -> dict:
     torch.set_default_dtype(torch.float32)
     unet.requires_grad_(False)
     add_lora(unet, Attention.sdp, LoraSettings(rank=4))
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
     layers = fuse_lora_layers(unet) if fused else None
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(device, memory_format=torch.channels_last).train()
     model = torch.compile(unet, backend=args.compile) if args.compile else unet
     generator = torch.Generator().manual_seed(0)
+    # the trainer's inputs: latents and text embeddings in the compute dtype (sd_lora/loss.py), latents channels_last
     latents = torch.randn(args.batch, unet.config.in_channels, args.latent, args.latent, generator=generator)
     text = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator)
-    latents, text = latents.to(device), text.to(device)
+    latents = latents.to(device, dtype).contiguous(memory_format=torch.channels_last)
+    text = text.to(device, dtype)
     timesteps = torch.tensor([10 + 900 * i // max(args.batch - 1, 1) for i in range(args.batch)], device=device)
-    saved = [0, 0]
+    skip = {t.untyped_storage().data_ptr() for t in (*unet.parameters(), *unet.buffers(), latents, text, timesteps)}
+    saved: dict[int, int] = {}  # storage -> bytes, for the measured step
+    counting = [False]
 
     def pack(tensor):
-        saved[0] += tensor.numel() * tensor.element_size()
-        saved[1] += 1
+        if counting[0]:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in skip:
+                saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    def step(hooks: bool) -> None:
-        with torch.autocast(device.type, dtype=dtype):
-            if hooks:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    pred = model(latents, timesteps, text).sample
-            else:
-                pred = model(latents, timesteps, text).sample
+    def step() -> None:
+        # the same hooks in the warm step as in the measured one: a compiled graph guarded on them is not rebuilt
+        with torch.autocast(device.type, dtype=dtype), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            pred = model(latents, timesteps, text).sample
         pred.float().pow(2).mean().backward()
         unet.zero_grad(set_to_none=True)
 
-    step(False)  # compiles, warms the allocator
+    step()  # compiles, warms the allocator
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+    counting[0] = True
     start = time.perf_counter()
-    step(True)
+    step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -113,9 +123,25 @@ def one(args) -> dict:
         peak, kind = torch.cuda.max_memory_allocated() - before, "cuda max_memory_allocated above the start"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
-    return {"fused": fused, "checkpointing": checkpointing, "fused_layers": layers[0] if layers else 0,
-            "lora_layers": layers[1] if layers else None, "saved_bytes": saved[0], "saved_tensors": saved[1],
-            "peak_bytes": peak, "peak_kind": kind, "step_s": seconds}
+    return {"fused": fused, "checkpointing": checkpointing, "fused_layers": layers[0] if layers else None,
+            "lora_layers": layers[1] if layers else None, "saved_bytes": sum(saved.values()),
+            "saved_storages": len(saved), "peak_bytes": peak, "peak_kind": kind, "step_s": seconds,
+            "batch": args.batch, "latent": args.latent, "compile": args.compile, "tiny": args.tiny}
+
+
+def run_child(cmd: list[str], timeout: float) -> dict:
+    """One configuration in its own process group (a stop at the timeout takes the compiler's workers too)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"error": f"stopped after {timeout:g} s"}
+    lines = [line for line in stdout.splitlines() if line.startswith("ROW ")]
+    if not lines:  # a row printed before a failure at exit still counts: the measurement was done
+        return {"error": f"exit {proc.returncode}: {stderr.strip()[-2000:]}"}
+    return json.loads(lines[-1][4:])
 
 
 def main() -> None:
@@ -127,6 +153,7 @@ def main() -> None:
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="torch.compile the U-Net with this backend: inductor (the trainer's), aot_eager_decomp_partition "
                              "(Inductor's partitioner without its code), ...; default eager")
+    parser.add_argument("--timeout", type=float, default=1200, help="stop a configuration after this many s")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows to this JSON file")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "fused,checkpointing" as 0/1: a child
     args = parser.parse_args()
@@ -142,27 +169,34 @@ def main() -> None:
               *(["--tiny"] if args.tiny else []), *(["--compile", args.compile] if args.compile else [])]
     for fused, checkpointing in CONFIGS:
         cmd = [sys.executable, __file__, *passed, "--one", f"{int(fused)},{int(checkpointing)}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if proc.returncode or not lines:
-            sys.exit(f"fused={fused} checkpointing={checkpointing} failed (exit {proc.returncode}):\n"
-                     f"{proc.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][4:]))
+        row = run_child(cmd, args.timeout)
+        rows.append({"fused": fused, "checkpointing": checkpointing, **row})
+        if "error" in row:
+            print(f"fused={fused} checkpointing={checkpointing}: {row['error']}", file=sys.stderr, flush=True)
     model = "tiny demo" if args.tiny else "SD 2.1"
     print(f"torch {torch.__version__}, {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}; {model} U-Net, batch "
           f"{args.batch}, {args.latent}x{args.latent} latent, LoRA rank 4, "
-          f"{'compiled: ' + args.compile if args.compile else 'eager'}; peak: {rows[0]['peak_kind']}\n")
-    print("| LoRA path | checkpointing | saved for backward | peak | step s |")
+          f"{'compiled: ' + args.compile if args.compile else 'eager'}; peak: "
+          f"{'max_memory_allocated above the start of the step' if args.device == 'cuda' else 'the process peak RSS (its whole life)'}\n")
+    print("| LoRA path | checkpointing | saved for backward (activations) | peak | step s |")
     print("|---|---|---|---|---|")
     for r in rows:
-        path = f"fused ({r['fused_layers']} of {r['lora_layers']} layers)" if r["fused"] else "peft"
-        print(f"| {path} | {'on' if r['checkpointing'] else 'off'} | {r['saved_bytes'] / 2**20:.1f} MiB in "
-              f"{r['saved_tensors']} tensors | {r['peak_bytes'] / 2**30:.3f} GiB | {r['step_s']:.3f} |")
+        path = "peft"
+        if r["fused"]:
+            path = f"fused ({r['fused_layers']} of {r['lora_layers']} layers)" if "error" not in r else "fused"
+        ckpt = "on" if r["checkpointing"] else "off"
+        if "error" in r:
+            print(f"| {path} | {ckpt} | failed: {r['error'].splitlines()[-1][:200]} | | |")
+            continue
+        print(f"| {path} | {ckpt} | {r['saved_bytes'] / 2**20:.1f} MiB in {r['saved_storages']} storages | "
+              f"{r['peak_bytes'] / 2**30:.3f} GiB | {r['step_s']:.3f} |")
     if args.out:
         args.out.write_text(json.dumps({"torch": torch.__version__, "device": args.device, "model": model,
                                         "batch": args.batch, "latent": args.latent, "compile": args.compile,
                                         "rows": rows}, indent=1))
+    if any("error" in r for r in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ def test_a_run_past_its_timeout_is_stopped_with_the_processes_it_started(tmp_pat
 
 
 def test_lora_memory_measures_each_path_with_and_without_checkpointing(tmp_path):
-    """bench/lora_memory.py on the CPU with the tiny U-Net: four processes, one per configuration; checkpointing
-    keeps fewer activations for the backward on either LoRA path, and the fused rows did fuse every layer."""
+    """bench/lora_memory.py on the CPU with the tiny U-Net: four processes, one per configuration, each with the
+    asked batch and latent; the fused rows fused every layer and their forward saved other tensors than peft's (the
+    fused forward ran, not peft's); checkpointing keeps fewer activations for the backward on either path."""
     out = tmp_path / "rows.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_memory.py"), "--device", "cpu", "--tiny",
                              "--latent", "8", "--batch", "2", "--out", str(out)],
@@ -89,9 +90,22 @@ def test_lora_memory_measures_each_path_with_and_without_checkpointing(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {(r["fused"], r["checkpointing"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {(False, False), (False, True), (True, False), (True, True)}
+    assert all((r["batch"], r["latent"], r["compile"], r["tiny"]) == (2, 8, None, True) for r in rows.values())
+    assert all(rows[True, c]["fused_layers"] == rows[True, c]["lora_layers"] > 0 for c in (False, True))
+    assert rows[True, False]["saved_storages"] != rows[False, False]["saved_storages"]
     for fused in (False, True):
         assert 0 < rows[fused, True]["saved_bytes"] < rows[fused, False]["saved_bytes"] / 2
-    assert rows[True, True]["fused_layers"] == rows[True, True]["lora_layers"] > 0
-    assert rows[False, False]["fused_layers"] == 0
-    assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in rows.values())
     assert result.stdout.count("| fused (") == 2 and result.stdout.count("| peft |") == 2
+
+
+def test_lora_memory_reports_a_stopped_configuration_and_goes_on(tmp_path):
+    """A configuration past --timeout is a failed row (its process group stopped), the others still run, the JSON is
+    written and the exit status is 1."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_memory.py"), "--device", "cpu", "--tiny",
+                             "--latent", "8", "--timeout", "0.5", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["error"] == "stopped after 0.5 s" for r in rows), rows
+    assert result.stdout.count("failed: stopped after") == 4
