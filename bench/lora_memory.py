@@ -74,7 +74,8 @@ def one(args) -> dict:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     torch.set_default_dtype(dtype)  # built in the compute dtype: an fp32 SD 2.1 U-Net would set the CPU's peak
-    unet = build_unet(args.tiny)
+    with torch.device(device):  # drawn where it runs: 866M random weights take a while on a few CPU cores
+        unet = build_unet(args.tiny)
     torch.set_default_dtype(torch.float32)
     unet.requires_grad_(False)
     add_lora(unet, Attention.sdp, LoraSettings(rank=4))
