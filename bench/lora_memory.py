@@ -60,6 +60,33 @@ def build_unet(tiny: bool):
     return UNet2DConditionModel(**SD21_UNET)
 
 
+class SavedActivations:
+    """Counts what autograd saves for the backward while `counting` is on, through saved_tensors_hooks: each
+    distinct storage once (a tensor several ops save, or views of one storage, count once), and none of the
+    storages of `exclude` (the frozen parameters, buffers and the step's inputs, which the step holds anyway)."""
+
+    def __init__(self, exclude):
+        self.skip = {t.untyped_storage().data_ptr() for t in exclude}
+        self.storages: dict[int, int] = {}  # storage address -> bytes
+        self.counting = False
+
+    def pack(self, tensor):
+        if self.counting:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.skip:
+                self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def hooks(self):
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
 def one(args) -> dict:
     """One configuration, in this process."""
     import resource
@@ -74,7 +101,7 @@ def one(args) -> dict:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     torch.set_default_dtype(dtype)  # built in the compute dtype: an fp32 SD 2.1 U-Net would set the CPU's peak
-    with torch.device(device):  # drawn where it runs: 866M random weights take a while on a few CPU cores
+    with torch.device(device):  # on a GPU drawn there: 866M random weights take a while on the host's cores
         unet = build_unet(args.tiny)
     torch.set_default_dtype(torch.float32)
     unet.requires_grad_(False)
@@ -91,20 +118,11 @@ def one(args) -> dict:
     latents = latents.to(device, dtype).contiguous(memory_format=torch.channels_last)
     text = text.to(device, dtype)
     timesteps = torch.tensor([10 + 900 * i // max(args.batch - 1, 1) for i in range(args.batch)], device=device)
-    skip = {t.untyped_storage().data_ptr() for t in (*unet.parameters(), *unet.buffers(), latents, text, timesteps)}
-    saved: dict[int, int] = {}  # storage -> bytes, for the measured step
-    counting = [False]
-
-    def pack(tensor):
-        if counting[0]:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in skip:
-                saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+    saved = SavedActivations((*unet.parameters(), *unet.buffers(), latents, text, timesteps))
 
     def step() -> None:
         # the same hooks in the warm step as in the measured one: a compiled graph guarded on them is not rebuilt
-        with torch.autocast(device.type, dtype=dtype), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.type, dtype=dtype), saved.hooks():
             pred = model(latents, timesteps, text).sample
         pred.float().pow(2).mean().backward()
         unet.zero_grad(set_to_none=True)
@@ -114,7 +132,7 @@ def one(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    counting[0] = True
+    saved.counting = True
     start = time.perf_counter()
     step()
     if device.type == "cuda":
@@ -125,9 +143,10 @@ def one(args) -> dict:
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
     return {"fused": fused, "checkpointing": checkpointing, "fused_layers": layers[0] if layers else None,
-            "lora_layers": layers[1] if layers else None, "saved_bytes": sum(saved.values()),
-            "saved_storages": len(saved), "peak_bytes": peak, "peak_kind": kind, "step_s": seconds,
-            "batch": args.batch, "latent": args.latent, "compile": args.compile, "tiny": args.tiny}
+            "lora_layers": layers[1] if layers else None, "saved_bytes": saved.bytes,
+            "saved_storages": len(saved.storages), "peak_bytes": peak, "peak_kind": kind, "step_s": seconds,
+            "batch": args.batch, "latent": args.latent, "compile": args.compile, "tiny": args.tiny,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
 def run_child(cmd: list[str], timeout: float) -> dict:
@@ -137,12 +156,15 @@ def run_child(cmd: list[str], timeout: float) -> dict:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"error": f"stopped after {timeout:g} s"}
+        stdout, stderr = proc.communicate()
+        stopped = f"stopped after {timeout:g} s"
+    else:
+        stopped = None
     lines = [line for line in stdout.splitlines() if line.startswith("ROW ")]
-    if not lines:  # a row printed before a failure at exit still counts: the measurement was done
-        return {"error": f"exit {proc.returncode}: {stderr.strip()[-2000:]}"}
-    return json.loads(lines[-1][4:])
+    if not lines:
+        return {"error": stopped or f"exit {proc.returncode}", "stderr": stderr.strip()[-2000:]}
+    # a row printed before a hang or a failure at exit still counts (the measurement was done); the exit says how
+    return {**json.loads(lines[-1][4:]), "exit": stopped or proc.returncode}
 
 
 def main() -> None:
@@ -173,10 +195,16 @@ def main() -> None:
         row = run_child(cmd, args.timeout)
         rows.append({"fused": fused, "checkpointing": checkpointing, **row})
         if "error" in row:
-            print(f"fused={fused} checkpointing={checkpointing}: {row['error']}", file=sys.stderr, flush=True)
+            print(f"fused={fused} checkpointing={checkpointing}: {row['error']}\n{row['stderr']}", file=sys.stderr,
+                  flush=True)
     model = "tiny demo" if args.tiny else "SD 2.1"
-    print(f"torch {torch.__version__}, {args.device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}; {model} U-Net, batch "
+    if args.out:  # first: nothing below can lose it
+        args.out.write_text(json.dumps({"torch": torch.__version__, "device": args.device, "model": model,
+                                        "batch": args.batch, "latent": args.latent, "compile": args.compile,
+                                        "rows": rows}, indent=1))
+    names = {r["device_name"] for r in rows if "device_name" in r}
+    print(f"torch {torch.__version__}, {args.device}{' (' + ', '.join(sorted(names)) + ')' if names else ''}; "
+          f"{model} U-Net, batch "
           f"{args.batch}, {args.latent}x{args.latent} latent, LoRA rank 4, "
           f"{'compiled: ' + args.compile if args.compile else 'eager'}; peak: "
           f"{'max_memory_allocated above the start of the step' if args.device == 'cuda' else 'the process peak RSS (its whole life)'}\n")
@@ -188,15 +216,12 @@ def main() -> None:
             path = f"fused ({r['fused_layers']} of {r['lora_layers']} layers)" if "error" not in r else "fused"
         ckpt = "on" if r["checkpointing"] else "off"
         if "error" in r:
-            print(f"| {path} | {ckpt} | failed: {r['error'].splitlines()[-1][:200]} | | |")
+            why = r["stderr"].splitlines()[-1][:200] if r["stderr"] else ""
+            print(f"| {path} | {ckpt} | failed: {r['error']}{': ' + why if why else ''} | | |")
             continue
         print(f"| {path} | {ckpt} | {r['saved_bytes'] / 2**20:.1f} MiB in {r['saved_storages']} storages | "
               f"{r['peak_bytes'] / 2**30:.3f} GiB | {r['step_s']:.3f} |")
-    if args.out:
-        args.out.write_text(json.dumps({"torch": torch.__version__, "device": args.device, "model": model,
-                                        "batch": args.batch, "latent": args.latent, "compile": args.compile,
-                                        "rows": rows}, indent=1))
-    if any("error" in r for r in rows):
+    if any("error" in r or r["exit"] != 0 for r in rows):
         sys.exit(1)
 
 

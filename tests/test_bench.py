@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -79,6 +81,30 @@ def test_a_run_past_its_timeout_is_stopped_with_the_processes_it_started(tmp_pat
     assert gone(worker)
 
 
+def test_saved_activations_count_each_storage_once_and_leave_out_what_is_held_anyway():
+    """bench/lora_memory.py's counter: parameters and inputs are not counted, a tensor several ops save counts once,
+    views of one storage count once, and nothing is counted before `counting` is on."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from lora_memory import SavedActivations
+
+    layer = torch.nn.Linear(8, 16)
+    x = torch.randn(4, 8)
+    saved = SavedActivations((*layer.parameters(), x))
+    with saved.hooks():
+        layer(x).relu().exp().sum().backward()
+    assert saved.storages == {}  # not counting yet
+    saved.counting = True
+    with saved.hooks():
+        h = layer(x).relu()  # linear saves x and the weight (left out); relu saves its output h
+        e = h.exp()  # exp saves its output e
+        product = h * h  # h twice more: counted once
+        view = e[:2] * 2.0  # mul by a Python scalar saves nothing
+        (product.sum() + e.sum() + view.sum()).backward()
+    assert saved.bytes == 2 * 4 * 16 * 4 and len(saved.storages) == 2
+
+
 def test_lora_memory_measures_each_path_with_and_without_checkpointing(tmp_path):
     """bench/lora_memory.py on the CPU with the tiny U-Net: four processes, one per configuration, each with the
     asked batch and latent; the fused rows fused every layer and their forward saved other tensors than peft's (the
@@ -109,3 +135,17 @@ def test_lora_memory_reports_a_stopped_configuration_and_goes_on(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(r["error"] == "stopped after 0.5 s" for r in rows), rows
     assert result.stdout.count("failed: stopped after") == 4
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_lora_memory_reports_configurations_that_fail_with_their_error(tmp_path):
+    """--device cuda where there is none: each configuration's process fails; its row holds the exit status and the
+    end of its stderr, the JSON is still written and the exit status is 1."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_memory.py"), "--device", "cuda", "--tiny",
+                             "--latent", "8", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["error"] == "exit 1" and "CUDA" in r["stderr"] for r in rows), rows
+    assert result.stdout.count("| failed: exit 1: ") == 4
